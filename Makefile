@@ -1,0 +1,41 @@
+# tessera — the README's commands. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU machines: the local CPU build of torch 2.13.0, installed before anything can pull a CUDA
+# build. GPU machines: `make setup TORCH_SPEC='torch>=2.6'` keeps or installs the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/base.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip==26.0.1"
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) jobs/prepare.py --config jobs/configs/debug.yaml --set run.root_uri=runs/demo
+
+test: setup
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/data_throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check platform jobs tests bench
+
+clean:
+	rm -rf runs/demo .pytest_cache .ruff_cache

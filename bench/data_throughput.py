@@ -1,0 +1,230 @@
+"""Training-input throughput: tessera's Ray Data pipeline vs. a plain webdataset + DataLoader.
+
+Both read the SAME prepared WebDataset shards from a real S3-compatible server (moto, on
+127.0.0.1) and do the same work per sample: PNG -> uint8 HWC RGB, caption -> fixed-length ids +
+mask with the prepared tokenizer (both call tessera.data.pipeline.decode_batch), shuffle through a
+buffer of cfg.loader.local_shuffle_buffer samples, batches of --batch-size as torch tensors.
+
+  A  tessera:  build_training_dataset(cfg) iterated with iter_training_batches (=
+               iter_torch_batches with the loader config's shuffle buffer and prefetch) in the driver.
+  B  baseline: wds.WebDataset over presigned HTTP URLs (pipe:curl) in a torch DataLoader,
+               num_workers=2, persistent_workers=True.
+
+Each pipeline gets one untimed warm-up epoch (worker start-up), then --epochs timed epochs; every
+epoch must yield each training sample exactly once (checked by sample_id against the shards).
+Dataset preparation (run_prepare into the bucket) is setup and is not timed.
+
+    cd /work/main && .venv/bin/python bench/data_throughput.py [--samples 5000] [--epochs 2]
+        [--batch-size 64] [--set loader.prefetch_batches=8 ...]
+
+--set applies tessera config overrides (batch size, shuffle buffer and text_len apply to both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import numpy as np
+
+from tessera.data.pipeline import decode_batch, sample_id
+
+BUCKET = f"tessera-bench-{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_s3(port: int, stop: mp.synchronize.Event, parent: int) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    # Also stop if the bench dies without telling us, so no server outlives it.
+    while not stop.wait(1.0) and os.getppid() == parent:
+        pass
+    server.stop()
+
+
+def start_s3() -> tuple[mp.Process, mp.synchronize.Event, str]:
+    """moto in its own process: in the driver its request threads would compete for the GIL with
+    whichever pipeline consumes batches there, skewing the comparison."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_serve_s3, args=(port, stop, os.getpid()), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, stop, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or not proc.is_alive():
+                raise RuntimeError("moto S3 server did not start") from None
+            time.sleep(0.2)
+
+
+def shard_ids(s3, keys: list[str]) -> set[int]:
+    """Ground truth, read independently of both pipelines: sample_id of every key in the shards
+    (key = member name up to the first dot of its base name, WebDataset's rule)."""
+    ids: set[int] = set()
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(body)) as tf:
+            ids.update(sample_id(m.name.rsplit("/", 1)[-1].split(".", 1)[0]) for m in tf if m.isfile())
+    return ids
+
+
+def timed_epochs(name: str, make_iter: Callable[[int], Iterable[dict]], epochs: int,
+                 expected: set[int]) -> tuple[int, float, list[float]]:
+    """Epoch 0 is the untimed warm-up; returns (samples, seconds, per-epoch seconds) of the rest."""
+    samples, seconds, per_epoch = 0, 0.0, []
+    for epoch in range(epochs + 1):
+        ids: list[int] = []
+        start = time.perf_counter()
+        for batch in make_iter(epoch):
+            ids.extend(batch["sample_id"].tolist())
+        took = time.perf_counter() - start
+        if len(ids) != len(expected) or set(ids) != expected:
+            raise SystemExit(f"{name} epoch {epoch}: {len(ids)} samples, {len(set(ids))} distinct, "
+                             f"{len(expected - set(ids))} missing; expected each of {len(expected)} once")
+        print(f"  {name} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {len(ids)} samples in {took:.2f} s",
+              flush=True)
+        if epoch:
+            samples, seconds = samples + len(ids), seconds + took
+            per_epoch.append(round(took, 2))
+    return samples, seconds, per_epoch
+
+
+def _columns(samples: list[dict], image_ext: str) -> dict[str, list]:
+    # Per-sample dicts -> the columnar layout Ray's read_webdataset hands decode_batch.
+    return {k: [s[k] for s in samples] for k in ("__key__", image_ext, "txt")}
+
+
+def _to_torch(batch: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def baseline_loader(s3, shard_keys: list[str], cfg, manifest: dict, tokenizer_json: str, workers: int = 2):
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    urls = [f"pipe:curl -s -S -f -L '{s3.generate_presigned_url('get_object', Params={'Bucket': BUCKET, 'Key': k}, ExpiresIn=3600)}'"
+            for k in shard_keys]
+    ext = manifest["image_format"]
+    decode = partial(decode_batch, tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
+                     image_ext=ext, resolution=manifest["resolution"])
+    # Shuffle raw samples in each worker (the idiomatic place), and batch there too so each batch
+    # goes through decode_batch exactly as in tessera. The buffer is split across the workers so
+    # the total samples held equals tessera's one driver-side buffer.
+    ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
+                         workersplitter=wds.split_by_worker, seed=cfg.loader.shuffle_seed)
+          .shuffle(max(1, cfg.loader.local_shuffle_buffer // workers))
+          .batched(cfg.loader.batch_size, collation_fn=partial(_columns, image_ext=ext))
+          .map(decode).map(_to_torch))
+    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=5000, help="training samples to prepare")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra tessera config override, e.g. loader.prefetch_batches=8")
+    ap.add_argument("--timeout", type=int, default=1200, help="abort (cleanly) after this many seconds")
+    args = ap.parse_args()
+
+    def _abort(signum, frame):
+        raise TimeoutError(f"benchmark exceeded --timeout={args.timeout}s")
+
+    # An exception (not a kill) so the finally blocks still stop Ray and the S3 server.
+    signal.signal(signal.SIGALRM, _abort)
+    signal.alarm(args.timeout)
+    wall = time.perf_counter()
+
+    proc, stop, endpoint = start_s3()
+    try:
+        # Before Ray starts: its worker processes inherit these and resolve the same endpoint.
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint,
+                          RAY_USAGE_STATS_ENABLED="0")  # nothing leaves loopback
+        import boto3
+        import ray
+        from ray.data import DataContext
+
+        from tessera import storage
+        from tessera.cluster import init_ray
+        from tessera.config import load_config
+        from tessera.data.pipeline import build_training_dataset, iter_training_batches, load_manifest, shard_uris
+        from tessera.data.prepare import run_prepare
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        cfg = load_config("debug", [f"run.root_uri=s3://{BUCKET}/bench", f"data.source.shapes.num_samples={args.samples}",
+                                    "data.source.shapes.num_heldout=0", "data.samples_per_shard=500",
+                                    "data.val_fraction=0", f"loader.batch_size={args.batch_size}", *args.overrides])
+        try:
+            init_ray(cfg.ray, log_to_driver=False)
+            DataContext.get_current().enable_progress_bars = False  # keep the report readable
+            t = time.perf_counter()
+            run_prepare(cfg)
+            print(f"prepared {args.samples} samples into s3://{BUCKET}/bench in {time.perf_counter() - t:.1f} s", flush=True)
+
+            opts = storage.StorageOptions.from_config(cfg.storage)
+            manifest = load_manifest(cfg.data_uri, opts)
+            shard_keys = [storage.resolve(u, opts)[1].split("/", 1)[1] for u in shard_uris(cfg.data_uri, manifest, "train")]
+            expected = shard_ids(s3, shard_keys)
+            if len(expected) != manifest["splits"]["train"]["num_samples"]:
+                raise SystemExit(f"shards hold {len(expected)} distinct samples, manifest says "
+                                 f"{manifest['splits']['train']['num_samples']}")
+            tokenizer_json = storage.read_bytes(storage.join(cfg.data_uri, manifest["tokenizer"]["path"]), opts).decode()
+
+            ds = build_training_dataset(cfg)
+            a = timed_epochs("tessera", lambda e: iter_training_batches(ds, cfg.loader, epoch=e), args.epochs, expected)
+        finally:
+            # The baseline runs without Ray in the background, as a user of it would.
+            ray.shutdown()
+
+        loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)
+        b = timed_epochs("baseline", lambda e: loader, args.epochs, expected)
+        del loader  # stops the persistent workers
+    finally:
+        stop.set()
+        proc.join(15)
+        if proc.is_alive():
+            proc.terminate()
+        signal.alarm(0)
+
+    rate_a, rate_b = a[0] / a[1], b[0] / b[1]
+    print()
+    print(f"{'pipeline':40s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s}  per-epoch s")
+    print(f"{'tessera (Ray Data, S3)':40s} {a[0]:8d} {a[1]:8.1f} {rate_a:10.0f}  {a[2]}")
+    print(f"{'baseline (webdataset+DataLoader, S3)':40s} {b[0]:8d} {b[1]:8.1f} {rate_b:10.0f}  {b[2]}")
+    print(f"ratio tessera/baseline: {rate_a / rate_b:.2f}x   (batch {cfg.loader.batch_size}, shuffle buffer "
+          f"{cfg.loader.local_shuffle_buffer}, prefetch_batches {cfg.loader.prefetch_batches}, "
+          f"total wall {time.perf_counter() - wall:.0f} s)")
+    print(json.dumps({"tessera_samples_per_s": round(rate_a, 1), "baseline_samples_per_s": round(rate_b, 1),
+                      "ratio": round(rate_a / rate_b, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""What every job entrypoint shares: argument parsing, config loading, error reporting.
+
+User errors (bad config, missing input, unreachable bucket) print one clear line and exit 2
+before any work starts; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Running `python jobs/X.py` from a checkout (or a `ray job submit --working-dir .` upload, where
+# tessera may not be pip-installed) finds the library in platform/.
+_PLATFORM = Path(__file__).resolve().parents[1] / "platform"
+if _PLATFORM.is_dir() and str(_PLATFORM) not in sys.path:
+    sys.path.insert(0, str(_PLATFORM))
+
+
+def parse_args(description: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="debug", help="YAML preset path, or a name in jobs/configs/ (default: debug)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a config field, e.g. --set data.resolution=64 (repeatable)")
+    return p.parse_args(argv)
+
+
+def job_main(main, *, description: str | None = None, argv: list[str] | None = None) -> int:
+    from tessera.config import ConfigError, load_config
+    from tessera.storage import StorageError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(description, argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return main(cfg)
+    except (ConfigError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,64 @@
+"""Starting or joining Ray, the same way for every job.
+
+Locally a job starts Ray bound to 127.0.0.1 (nothing listens on other interfaces); on a cluster
+(`ray job submit`, or RAY_ADDRESS set) it joins the running one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger("tessera")
+
+# Variables a local Ray's worker processes need from the driver: object-store endpoints and
+# credentials are resolved inside each worker, never shipped in configs or outputs.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    # Ray Data's own progress bars give rows/s per operator; keep them, drop the noise.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(
+            num_cpus=ray_cfg.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=log_to_driver,
+            configure_logging=False,
+        )
+    configure_data_context(ray_cfg)
+
+
+def configure_data_context(ray_cfg) -> None:
+    from ray.data import DataContext, ExecutionResources
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    if ray_cfg.data_cpu_limit is not None:
+        ctx.execution_options.resource_limits = ExecutionResources(cpu=ray_cfg.data_cpu_limit)
+
+
+def code_version() -> str:
+    """The git commit this code came from when there is one (a dev checkout), else the package
+    version (a cluster working_dir upload has no .git)."""
+    from tessera import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__

@@ -1,0 +1,222 @@
+"""One typed config for every tessera job.
+
+A job reads a YAML preset (jobs/configs/*.yaml), applies `--set dotted.path=value` overrides and
+validates the whole thing before any work starts. Every section forbids unknown keys, so a typo is
+an error naming its field path rather than a silently ignored setting. The validated model travels
+whole into Ray tasks and Train workers (it pickles), so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+class ConfigError(ValueError):
+    """A config a user wrote is wrong; the message names the file and field path at fault."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("debug", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # Where a run's outputs live when a section does not name its own URI.
+    root_uri: str = "runs/debug"
+
+
+class StorageConfig(Section):
+    """Object-store settings. Credentials are never config: they come from the standard AWS /
+    Google variables, instance roles or workload identity, so nothing secret is written to outputs."""
+
+    # S3-compatible endpoint (MinIO, Ceph, a local test server); default: AWS_ENDPOINT_URL_S3 /
+    # AWS_ENDPOINT_URL from the environment, else AWS itself.
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+
+class RayConfig(Section):
+    # None: join a running cluster if RAY_ADDRESS is set, else start a local one on 127.0.0.1.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    # CPUs Ray Data may use at once. Bounding it leaves room for Train workers so that Data and
+    # Train never wait on each other for a slot (the 2-CPU "backpressured" stall).
+    data_cpu_limit: float | None = Field(None, gt=0)
+
+
+class ShapesConfig(Section):
+    num_samples: int = Field(10_000, ge=1)
+    num_heldout: int = Field(500, ge=0)
+    image_size: int = Field(64, ge=32, le=1024)
+    max_objects: int = Field(3, ge=1, le=3)
+    seed: int = Field(0, ge=0)
+    # (colour, shape) pairs that never appear in training, as "colour shape" strings; None keeps
+    # the built-in declaration (tessera.data.shapes.DEFAULT_HELD_OUT).
+    held_out: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _held_out_pairs(self) -> ShapesConfig:
+        if self.held_out is not None:
+            from tessera.data.shapes import validate_held_out
+
+            pairs = validate_held_out(self.held_out)  # ValueError names the bad entry
+            if not pairs and self.num_heldout > 0:
+                raise ValueError("held_out is empty but num_heldout > 0: declare pairs or set num_heldout: 0")
+        return self
+
+
+class SourceConfig(Section):
+    kind: Literal["shapes", "webdataset", "parquet"] = "shapes"
+    # A prefix/folder of shards, one shard, or several separated by commas.
+    uri: str | None = None
+    # Parquet (LAION / img2dataset layout) column names.
+    image_column: str = "jpg"
+    caption_column: str = "caption"
+    key_column: str | None = "key"
+    shapes: ShapesConfig = Field(default_factory=ShapesConfig)
+
+    @model_validator(mode="after")
+    def _uri_for_files(self) -> SourceConfig:
+        if self.kind != "shapes" and not self.uri:
+            raise ValueError(f"source.kind={self.kind!r} needs source.uri (a folder or bucket prefix of shards)")
+        return self
+
+
+class DataConfig(Section):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    # None: {run.root_uri}/data
+    output_uri: str | None = None
+    resolution: int = Field(64, ge=8, le=1024)
+    min_side: int = Field(0, ge=0)
+    # Paper: keep images whose aspect ratio is within [1/2, 2].
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    min_caption_chars: int = Field(1, ge=1)
+    max_caption_chars: int = Field(1_000, ge=1)
+    # Decompression-bomb guard: images declaring more pixels than this are skipped unread.
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(1_000, ge=1)
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _caption_bounds(self) -> DataConfig:
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError("min_caption_chars must not exceed max_caption_chars")
+        return self
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(16_384, ge=260)
+    min_frequency: int = Field(2, ge=1)
+    lowercase: bool = True
+    # Captions streamed to the BPE trainer (a sample is plenty for a caption vocabulary).
+    max_training_captions: int = Field(1_000_000, ge=1)
+
+
+class LoaderConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    # Caption tokens per sample; longer captions are truncated, shorter ones padded (mask False).
+    text_len: int = Field(64, ge=1, le=1024)
+    shuffle_seed: int = 0
+    file_shuffle: bool = True
+    local_shuffle_buffer: int = Field(1_000, ge=0)
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class TesseraConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+
+    @property
+    def data_uri(self) -> str:
+        from tessera import storage
+
+        return self.data.output_uri or storage.join(self.run.root_uri, "data")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'data.resolution=64' -> (['data', 'resolution'], 64); the value is read as YAML."""
+    path, sep, raw = text.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise ConfigError(f"--set {text!r}: expected dotted.path=value, e.g. data.resolution=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return [k.strip() for k in keys], value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                at = ".".join(keys[: depth + 1])
+                raise ConfigError(f"--set {text!r}: {at} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict, *, origin: str = "config") -> TesseraConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return TesseraConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: invalid config\n{_describe(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TesseraConfig:
+    """Load a YAML preset (a path, or a name in jobs/configs/ like 'debug') plus overrides."""
+    raw: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            p = CONFIG_DIR / f"{path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        origin = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+    raw = apply_overrides(raw, list(overrides))
+    return validate_config(raw, origin=origin)
+
+
+def preset_paths() -> list[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))

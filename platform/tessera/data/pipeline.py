@@ -1,0 +1,119 @@
+"""The training input pipeline: a prepared dataset's manifest -> the Ray Data dataset a training
+stage consumes, and the worker-side iterator over its shard.
+
+    manifest.json ─▶ shard URIs ─read_webdataset (file order shuffled per epoch, seeded)─▶
+    decode PNG/JPEG + tokenize captions (fused into the read tasks) ─▶ streaming_split by
+    Ray Train ─▶ iter_torch_batches (local shuffle buffer) in each worker
+
+Batches are {"image": uint8 (B, H, W, 3), "text_ids": int32 (B, L), "text_mask": bool (B, L),
+"sample_id": int64 (B,)}. Images stay uint8 until the model moves them to its device (4x less to
+copy than float); sample_id is a stable hash of the sample key, for bookkeeping and tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from tessera import storage
+from tessera.config import TesseraConfig
+from tessera.data.tokenizer import CaptionTokenizer
+
+MANIFEST_KIND = "tessera.prepared_dataset"
+
+
+def load_manifest(data_uri: str, options: storage.StorageOptions | None = None) -> dict:
+    uri = storage.join(data_uri, "manifest.json")
+    if not storage.exists(uri, options):
+        raise storage.StorageError(f"{uri}: no prepared dataset here (run jobs/prepare.py first)")
+    manifest = storage.read_json(uri, options)
+    if manifest.get("kind") != MANIFEST_KIND:
+        raise ValueError(f"{uri}: not a tessera prepared-dataset manifest (kind={manifest.get('kind')!r})")
+    return manifest
+
+
+def shard_uris(data_uri: str, manifest: dict, split: str) -> list[str]:
+    splits = manifest["splits"]
+    if split not in splits or not splits[split]["shards"]:
+        raise ValueError(f"{data_uri}: prepared dataset has no {split!r} split (has {sorted(splits)})")
+    return [storage.join(data_uri, s["path"]) for s in splits[split]["shards"]]
+
+
+def sample_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str) -> CaptionTokenizer:
+    # One parse per worker process, not per batch.
+    return CaptionTokenizer.from_json(tokenizer_json)
+
+
+def decode_batch(batch: dict, *, tokenizer_json: str, text_len: int, image_ext: str, resolution: int) -> dict:
+    """Raw WebDataset columns (bytes) -> model-ready numpy arrays."""
+    images = np.empty((len(batch["__key__"]), resolution, resolution, 3), dtype=np.uint8)
+    for i, data in enumerate(batch[image_ext]):
+        with Image.open(io.BytesIO(data)) as im:
+            images[i] = np.asarray(im.convert("RGB"))
+    captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in batch["txt"]]
+    ids, mask = _tokenizer(tokenizer_json).encode(captions, text_len=text_len)
+    return {
+        "image": images,
+        "text_ids": ids,
+        "text_mask": mask,
+        "sample_id": np.array([sample_id(k.rsplit("/", 1)[-1]) for k in batch["__key__"]], dtype=np.int64),
+    }
+
+
+def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri: str | None = None):
+    """The Ray Data dataset a training stage consumes (lazy: nothing is read until iterated)."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    data_uri = data_uri or cfg.data_uri
+    manifest = load_manifest(data_uri, opts)
+    uris = shard_uris(data_uri, manifest, split)
+    fs, _ = storage.resolve(uris[0], opts)
+    paths = [storage.resolve(u, opts)[1] for u in uris]
+    tokenizer_json = storage.read_bytes(storage.join(data_uri, manifest["tokenizer"]["path"]), opts).decode()
+    shuffle = (
+        FileShuffleConfig(seed=cfg.loader.shuffle_seed, reseed_after_execution=True)
+        if cfg.loader.file_shuffle and split == "train"
+        else None
+    )
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle,
+                                  override_num_blocks=len(paths))
+    return ds.map_batches(
+        decode_batch,
+        batch_size=256,
+        fn_kwargs=dict(tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
+                       image_ext=manifest["image_format"], resolution=manifest["resolution"]),
+    )
+
+
+def iter_training_batches(shard, loader_cfg, *, epoch: int = 0):
+    """Inside a Train worker: torch batches from `ray.train.get_dataset_shard(...)`."""
+    return shard.iter_torch_batches(
+        batch_size=loader_cfg.batch_size,
+        local_shuffle_buffer_size=loader_cfg.local_shuffle_buffer or None,
+        local_shuffle_seed=(loader_cfg.shuffle_seed + 1_000_003 * epoch) if loader_cfg.local_shuffle_buffer else None,
+        prefetch_batches=loader_cfg.prefetch_batches,
+        drop_last=False,
+    )
+
+
+def train_data_config(cfg: TesseraConfig):
+    """Ray Train's DataConfig with Data's CPU use bounded, so reading never waits on the CPUs
+    the Train workers hold (and vice versa) on a small machine."""
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import DataConfig
+
+    options = ExecutionOptions()
+    if cfg.ray.data_cpu_limit is not None:
+        options.resource_limits = ExecutionResources(cpu=cfg.ray.data_cpu_limit)
+    return DataConfig(execution_options=options)

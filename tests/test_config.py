@@ -1,0 +1,62 @@
+import pytest
+
+from tessera.config import ConfigError, load_config, preset_paths
+
+
+def test_every_preset_loads():
+    paths = preset_paths()
+    assert any(p.stem == "debug" for p in paths)
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.data.resolution >= 8
+
+
+def test_override_changes_typed_value():
+    cfg = load_config("debug", ["data.resolution=32", "data.source.shapes.held_out=[red circle, blue square]",
+                                "ray.address=null"])
+    assert cfg.data.resolution == 32 and isinstance(cfg.data.resolution, int)
+    assert cfg.data.source.shapes.held_out == ["red circle", "blue square"]
+    assert cfg.ray.address is None
+
+
+@pytest.mark.parametrize(
+    "override, path, words",
+    [
+        ("data.resolutoin=64", "data.resolutoin", "unknown field"),
+        ("data.resolution=-1", "data.resolution", "greater than or equal"),
+        ("data.resolution=big", "data.resolution", "integer"),
+        ("data.source.kind=csv", "data.source.kind", "shapes"),
+        ("loader.batch_size=0", "loader.batch_size", "greater than"),
+        ("nosuchsection.x=1", "nosuchsection", "unknown field"),
+        ("data.source.shapes.held_out=[mauve circle]", "data.source.shapes", "mauve"),
+    ],
+)
+def test_bad_values_name_their_field(override, path, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", [override])
+    msg = str(e.value)
+    assert path in msg and words in msg and "debug.yaml" in msg
+
+
+def test_file_source_needs_uri():
+    with pytest.raises(ConfigError, match="source.uri"):
+        load_config("debug", ["data.source.kind=webdataset"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.path=value"):
+        load_config("debug", ["data.resolution"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("debug", ["data.resolution.x=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_default_data_uri_follows_run_root():
+    cfg = load_config("debug", ["run.root_uri=s3://bucket/runs/x"])
+    assert cfg.data_uri == "s3://bucket/runs/x/data"
+    assert load_config("debug", ["data.output_uri=/tmp/elsewhere"]).data_uri == "/tmp/elsewhere"
