@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -52,6 +53,7 @@ def free_port() -> int:
 def _serve_s3(port: int, stop: mp.synchronize.Event, parent: int) -> None:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     # Also stop if the bench dies without telling us, so no server outlives it.
@@ -111,14 +113,11 @@ def timed_epochs(name: str, make_iter: Callable[[int], Iterable[dict]], epochs: 
     return samples, seconds, per_epoch
 
 
-def _columns(samples: list[dict], image_ext: str) -> dict[str, list]:
-    # Per-sample dicts -> the columnar layout Ray's read_webdataset hands decode_batch.
-    return {k: [s[k] for s in samples] for k in ("__key__", image_ext, "txt")}
-
-
-def _to_torch(batch: dict[str, np.ndarray]) -> dict:
+def _collate(samples: list[dict], image_ext: str, decode: Callable[..., dict]) -> dict:
+    """Per-sample dicts -> the columnar layout Ray's read_webdataset hands decode_batch -> torch."""
     import torch
 
+    batch = decode({k: [s[k] for s in samples] for k in ("__key__", image_ext, "txt")})
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
@@ -131,14 +130,13 @@ def baseline_loader(s3, shard_keys: list[str], cfg, manifest: dict, tokenizer_js
     ext = manifest["image_format"]
     decode = partial(decode_batch, tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
                      image_ext=ext, resolution=manifest["resolution"])
-    # Shuffle raw samples in each worker (the idiomatic place), and batch there too so each batch
-    # goes through decode_batch exactly as in tessera. The buffer is split across the workers so
+    # Shuffle raw samples in each worker (the idiomatic place) and decode whole batches there with
+    # tessera's own decode_batch, so the per-sample work is identical. The buffer is split across the workers so
     # the total samples held equals tessera's one driver-side buffer.
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
                          workersplitter=wds.split_by_worker, seed=cfg.loader.shuffle_seed)
           .shuffle(max(1, cfg.loader.local_shuffle_buffer // workers))
-          .batched(cfg.loader.batch_size, collation_fn=partial(_columns, image_ext=ext))
-          .map(decode).map(_to_torch))
+          .batched(cfg.loader.batch_size, collation_fn=partial(_collate, image_ext=ext, decode=decode)))
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True)
 
 
@@ -183,7 +181,9 @@ def main() -> int:
                                     "data.val_fraction=0", f"loader.batch_size={args.batch_size}", *args.overrides])
         try:
             init_ray(cfg.ray, log_to_driver=False)
-            DataContext.get_current().enable_progress_bars = False  # keep the report readable
+            # Keep the report readable: no progress bars or per-execution INFO lines.
+            DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
             t = time.perf_counter()
             run_prepare(cfg)
             print(f"prepared {args.samples} samples into s3://{BUCKET}/bench in {time.perf_counter() - t:.1f} s", flush=True)

@@ -52,7 +52,14 @@ def preflight(cfg: TesseraConfig) -> list[str]:
     files = storage.require_inputs(src.uri, opts, suffixes=_SUFFIXES[src.kind])
     if src.kind == "parquet":
         cols = [src.image_column, src.caption_column] + ([src.key_column] if src.key_column else [])
-        sources.check_parquet_columns(files[0], opts, columns=cols)
+        # The first file whose schema reads decides; corrupt files are counted later, not fatal.
+        for i, uri in enumerate(files):
+            try:
+                sources.check_parquet_columns(uri, opts, columns=cols)
+                break
+            except storage.StorageError:
+                if i == len(files) - 1:
+                    raise
     return files
 
 
@@ -154,6 +161,7 @@ def _clear_unpublished_generations(cfg: TesseraConfig, keep: str | None) -> None
 def run_prepare(cfg: TesseraConfig) -> dict:
     """Run the prepare job on the current Ray cluster; returns the manifest."""
     import ray
+    from ray.data.expressions import col
 
     started = time.time()
     opts = _options(cfg)
@@ -222,7 +230,7 @@ def run_prepare(cfg: TesseraConfig) -> dict:
             log.info("wrote %d/%d shards", done, total_shards)
 
     # 4. Caption tokenizer from the training captions (streamed, captions only).
-    train_final = final.filter(expr="split == 'train'") if splits.get("train", {}).get("num_samples") else None
+    train_final = final.filter(expr=col("split") == "train") if splits.get("train", {}).get("num_samples") else None
     limit = cfg.tokenizer.max_training_captions
 
     def captions() -> Iterator[str]:

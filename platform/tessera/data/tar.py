@@ -49,10 +49,8 @@ def iter_tar_samples(stream: BinaryIO, result: TarReadResult) -> Iterator[TarSam
                 key, ext = split_member_name(member.name)
                 if _is_hidden(key):
                     continue
-                f = tf.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is cut short")
+                # A new key completes the previous sample: yield it before reading further, so
+                # damage inside this member cannot take the finished sample with it.
                 if current is not None and (key != current.key or ext in current.files):
                     repeated = key == current.key
                     yield current
@@ -60,6 +58,10 @@ def iter_tar_samples(stream: BinaryIO, result: TarReadResult) -> Iterator[TarSam
                     current = TarSample(key=key, position=position, repeated_ext=repeated)
                 elif current is None:
                     current = TarSample(key=key, position=position)
+                f = tf.extractfile(member)
+                data = f.read() if f is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is cut short")
                 current.files[ext] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         result.truncated = True
