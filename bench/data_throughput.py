@@ -98,14 +98,17 @@ def timed_epochs(name: str, make_iter: Callable[[int], Iterable[dict]], epochs: 
     samples, seconds, per_epoch = 0, 0.0, []
     for epoch in range(epochs + 1):
         ids: list[int] = []
-        start = time.perf_counter()
+        start, first = time.perf_counter(), None
         for batch in make_iter(epoch):
+            # Time to first batch: per-epoch start-up cost, which short epochs feel most.
+            first = first if first is not None else time.perf_counter() - start
             ids.extend(batch["sample_id"].tolist())
         took = time.perf_counter() - start
         if len(ids) != len(expected) or set(ids) != expected:
             raise SystemExit(f"{name} epoch {epoch}: {len(ids)} samples, {len(set(ids))} distinct, "
                              f"{len(expected - set(ids))} missing; expected each of {len(expected)} once")
-        print(f"  {name} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {len(ids)} samples in {took:.2f} s",
+        print(f"  {name} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {len(ids)} samples in {took:.2f} s "
+              f"(first batch after {first or 0:.2f} s)",
               flush=True)
         if epoch:
             samples, seconds = samples + len(ids), seconds + took
@@ -165,8 +168,6 @@ def main() -> int:
                           AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint,
                           RAY_USAGE_STATS_ENABLED="0")  # nothing leaves loopback
         import boto3
-        import ray
-        from ray.data import DataContext
 
         from tessera import storage
         from tessera.cluster import init_ray
@@ -181,6 +182,10 @@ def main() -> int:
                                     "data.val_fraction=0", f"loader.batch_size={args.batch_size}", *args.overrides])
         try:
             init_ray(cfg.ray, log_to_driver=False)
+            # Only now: init_ray sets up the environment Ray reads when first imported.
+            import ray
+            from ray.data import DataContext
+
             # Keep the report readable: no progress bars or per-execution INFO lines.
             DataContext.get_current().enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -201,6 +206,8 @@ def main() -> int:
             a = timed_epochs("tessera", lambda e: iter_training_batches(ds, cfg.loader, epoch=e), args.epochs, expected)
         finally:
             # The baseline runs without Ray in the background, as a user of it would.
+            import ray
+
             ray.shutdown()
 
         loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)

@@ -14,8 +14,9 @@ from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.
 
 def main(cfg) -> int:
     from tessera.cluster import init_ray
-    from tessera.data.prepare import run_prepare, summarize
+    from tessera.data.prepare import preflight, run_prepare, summarize
 
+    preflight(cfg)  # bad inputs/outputs fail here, before a Ray cluster is started
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
     print(summarize(manifest))

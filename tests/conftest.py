@@ -16,6 +16,14 @@ import pytest
 # Reports take ~2 s each with Train's default health-check interval.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Before anything imports ray: the test cluster's servers listen on 127.0.0.1 only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray's worker processes inherit this, so functions defined in test modules (Train loops, Data
+# UDFs) unpickle there as they do here.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_TESTS, os.path.join(os.path.dirname(_TESTS), "platform")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 
 
@@ -68,8 +76,8 @@ def ray_cluster(s3_server):
     from tessera.cluster import configure_data_context
     from tessera.config import RayConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     configure_data_context(RayConfig())
     yield ray
     ray.shutdown()

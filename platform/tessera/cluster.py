@@ -9,21 +9,28 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 log = logging.getLogger("tessera")
 
-# Variables a local Ray's worker processes need from the driver: object-store endpoints and
-# credentials are resolved inside each worker, never shipped in configs or outputs.
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+def local_only_env() -> None:
+    """Make a Ray started by this process use the loopback address as its node IP, so its
+    servers (GCS, raylet, workers, agents) listen on 127.0.0.1 only. Ray reads this variable when
+    it is first imported, so call this before `import ray`; it is off for multi-node clusters."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+            log.warning("ray was imported before init_ray(); the local Ray may listen on all interfaces")
+        local_only_env()
     import ray
 
     if ray.is_initialized():
         return
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     # Ray Data's own progress bars give rows/s per operator; keep them, drop the noise.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
@@ -32,7 +39,6 @@ def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
         ray.init(
             num_cpus=ray_cfg.num_cpus,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             log_to_driver=log_to_driver,
             configure_logging=False,
         )
