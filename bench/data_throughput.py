@@ -10,9 +10,10 @@ buffer of cfg.loader.local_shuffle_buffer samples, batches of --batch-size as to
   B  baseline: wds.WebDataset over presigned HTTP URLs (pipe:curl) in a torch DataLoader,
                num_workers=2, persistent_workers=True.
 
-Each pipeline gets one untimed warm-up epoch (worker start-up), then --epochs timed epochs; every
-epoch must yield each training sample exactly once (checked by sample_id against the shards).
-Dataset preparation (run_prepare into the bucket) is setup and is not timed.
+Each pipeline gets one untimed warm-up epoch (worker start-up), then --epochs timed epochs, the two
+pipelines' epochs alternating; every epoch must yield each training sample exactly once (checked
+by sample_id against the shards). Preparing the dataset (run_prepare into the bucket) is setup and
+is not timed. Reported: samples/s over the timed epochs, and time to first batch per epoch.
 
     cd /work/main && .venv/bin/python bench/data_throughput.py [--samples 5000] [--epochs 2]
         [--batch-size 64] [--set loader.prefetch_batches=8 ...]
@@ -92,28 +93,35 @@ def shard_ids(s3, keys: list[str]) -> set[int]:
     return ids
 
 
-def timed_epochs(name: str, make_iter: Callable[[int], Iterable[dict]], epochs: int,
-                 expected: set[int]) -> tuple[int, float, list[float]]:
-    """Epoch 0 is the untimed warm-up; returns (samples, seconds, per-epoch seconds) of the rest."""
-    samples, seconds, per_epoch = 0, 0.0, []
+def one_epoch(make_iter: Callable[[], Iterable[dict]], expected: set[int], what: str) -> float:
+    ids: list[int] = []
+    start, first = time.perf_counter(), None
+    for batch in make_iter():
+        # Time to first batch: the per-epoch start-up cost, which short epochs feel most.
+        first = first if first is not None else time.perf_counter() - start
+        ids.extend(batch["sample_id"].tolist())
+    took = time.perf_counter() - start
+    if len(ids) != len(expected) or set(ids) != expected:
+        raise SystemExit(f"{what}: {len(ids)} samples, {len(set(ids))} distinct, "
+                         f"{len(expected - set(ids))} missing; expected each of {len(expected)} once")
+    print(f"  {what}: {len(ids)} samples in {took:.2f} s (first batch after {first or 0:.2f} s)", flush=True)
+    return took
+
+
+def measure(pipelines: dict[str, Callable[[int], Iterable[dict]]], epochs: int,
+            expected: set[int]) -> dict[str, list[float]]:
+    """Epoch 0 is the untimed warm-up; returns each pipeline's timed epoch seconds. Epochs of the
+    pipelines alternate (and swap order each round) so that other load on a shared machine falls
+    on both alike rather than on whichever happened to run during it."""
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
     for epoch in range(epochs + 1):
-        ids: list[int] = []
-        start, first = time.perf_counter(), None
-        for batch in make_iter(epoch):
-            # Time to first batch: per-epoch start-up cost, which short epochs feel most.
-            first = first if first is not None else time.perf_counter() - start
-            ids.extend(batch["sample_id"].tolist())
-        took = time.perf_counter() - start
-        if len(ids) != len(expected) or set(ids) != expected:
-            raise SystemExit(f"{name} epoch {epoch}: {len(ids)} samples, {len(set(ids))} distinct, "
-                             f"{len(expected - set(ids))} missing; expected each of {len(expected)} once")
-        print(f"  {name} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {len(ids)} samples in {took:.2f} s "
-              f"(first batch after {first or 0:.2f} s)",
-              flush=True)
-        if epoch:
-            samples, seconds = samples + len(ids), seconds + took
-            per_epoch.append(round(took, 2))
-    return samples, seconds, per_epoch
+        order = list(pipelines) if epoch % 2 == 0 else list(pipelines)[::-1]
+        for name in order:
+            took = one_epoch(lambda: pipelines[name](epoch), expected,
+                             f"{name} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}")
+            if epoch:
+                times[name].append(took)
+    return times
 
 
 def _collate(samples: list[dict], image_ext: str, decode: Callable[..., dict]) -> dict:
@@ -203,16 +211,14 @@ def main() -> int:
             tokenizer_json = storage.read_bytes(storage.join(cfg.data_uri, manifest["tokenizer"]["path"]), opts).decode()
 
             ds = build_training_dataset(cfg)
-            a = timed_epochs("tessera", lambda e: iter_training_batches(ds, cfg.loader, epoch=e), args.epochs, expected)
+            loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)
+            times = measure({"tessera": lambda e: iter_training_batches(ds, cfg.loader, epoch=e),
+                             "baseline": lambda e: loader}, args.epochs, expected)
+            del loader  # stops the persistent workers
         finally:
-            # The baseline runs without Ray in the background, as a user of it would.
             import ray
 
             ray.shutdown()
-
-        loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)
-        b = timed_epochs("baseline", lambda e: loader, args.epochs, expected)
-        del loader  # stops the persistent workers
     finally:
         stop.set()
         proc.join(15)
@@ -220,16 +226,18 @@ def main() -> int:
             proc.terminate()
         signal.alarm(0)
 
-    rate_a, rate_b = a[0] / a[1], b[0] / b[1]
-    print()
-    print(f"{'pipeline':40s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s}  per-epoch s")
-    print(f"{'tessera (Ray Data, S3)':40s} {a[0]:8d} {a[1]:8.1f} {rate_a:10.0f}  {a[2]}")
-    print(f"{'baseline (webdataset+DataLoader, S3)':40s} {b[0]:8d} {b[1]:8.1f} {rate_b:10.0f}  {b[2]}")
-    print(f"ratio tessera/baseline: {rate_a / rate_b:.2f}x   (batch {cfg.loader.batch_size}, shuffle buffer "
+    n = len(expected)
+    rate = {name: n * len(t) / sum(t) for name, t in times.items()}
+    labels = {"tessera": "tessera (Ray Data, S3)", "baseline": "baseline (webdataset+DataLoader, S3)"}
+    print(f"\n{'pipeline':38s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s}  per-epoch s")
+    for name, t in times.items():
+        print(f"{labels[name]:38s} {n * len(t):8d} {sum(t):8.1f} {rate[name]:10.0f}  {[round(x, 2) for x in t]}")
+    ratio = rate["tessera"] / rate["baseline"]
+    print(f"ratio tessera/baseline: {ratio:.2f}x   (batch {cfg.loader.batch_size}, shuffle buffer "
           f"{cfg.loader.local_shuffle_buffer}, prefetch_batches {cfg.loader.prefetch_batches}, "
           f"total wall {time.perf_counter() - wall:.0f} s)")
-    print(json.dumps({"tessera_samples_per_s": round(rate_a, 1), "baseline_samples_per_s": round(rate_b, 1),
-                      "ratio": round(rate_a / rate_b, 3)}))
+    print(json.dumps({"tessera_samples_per_s": round(rate["tessera"], 1),
+                      "baseline_samples_per_s": round(rate["baseline"], 1), "ratio": round(ratio, 3)}))
     return 0
 
 

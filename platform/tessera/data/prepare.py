@@ -120,23 +120,29 @@ def build_raw_dataset(cfg: TesseraConfig, files: list[str]):
         fn_kwargs=dict(kind=src.kind, opts=_options(cfg), src=read_kw))
 
 
-def _write_shard(pieces: list, *, split: str, uri: str, image_ext: str, opts: storage.StorageOptions) -> int:
+def _publishable(block: pa.Table, split: str, first_order: dict[str, int]) -> pa.Table:
+    """The block's rows that go into `split`'s shards: kept, and the first of their key."""
+    block = _kept_first_of_key(block, first_order=first_order)
+    return block.filter(pc.equal(block.column("split"), split))
+
+
+def _write_shard(pieces: list, *, split: str, uri: str, image_ext: str, first_order: dict[str, int],
+                 opts: storage.StorageOptions) -> int:
     """One shard from slices of the split's rows in ordered blocks. Runs as a Ray task."""
     import ray
 
     samples = []
     for block_ref, start, stop in pieces:
-        block: pa.Table = ray.get(block_ref)
-        rows = block.filter(pc.equal(block.column("split"), split)).slice(start, stop - start)
+        rows = _publishable(ray.get(block_ref), split, first_order).slice(start, stop - start)
         for key, image, caption, meta in zip(*(rows.column(c).to_pylist() for c in ("key", "image", "caption", "meta")), strict=True):
             samples.append((key, {image_ext: image, "txt": caption.encode("utf-8"), "json": meta.encode("utf-8")}))
     storage.write_bytes(uri, write_tar(samples), opts)
     return len(samples)
 
 
-def _split_counts(block: pa.Table) -> dict[str, int]:
-    counts = pc.value_counts(block.column("split")).to_pylist()
-    return {c["values"]: c["counts"] for c in counts}
+def _split_counts(block: pa.Table, first_order: dict[str, int]) -> dict[str, int]:
+    block = _kept_first_of_key(block, first_order=first_order)
+    return {c["values"]: c["counts"] for c in pc.value_counts(block.column("split")).to_pylist()}
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -160,17 +166,31 @@ def _clear_unpublished_generations(cfg: TesseraConfig, keep: str | None) -> None
 
 def run_prepare(cfg: TesseraConfig) -> dict:
     """Run the prepare job on the current Ray cluster; returns the manifest."""
-    import ray
-    from ray.data.expressions import col
+    from ray.data import DataContext
 
     started = time.time()
-    opts = _options(cfg)
     files = preflight(cfg)
     old = existing_manifest(cfg)
     if old is not None and not cfg.data.overwrite:
         log.info("%s already holds a prepared dataset (%s); set data.overwrite=true to redo it",
                  cfg.data_uri, {s: v["num_samples"] for s, v in old["splits"].items()})
         return old
+
+    # Blocks come out in input order (file, then position in file), so shard contents do not
+    # depend on task timing and no global sort is needed.
+    ctx = DataContext.get_current()
+    saved_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        return _prepare(cfg, files, old=old, started=started)
+    finally:
+        ctx.execution_options.preserve_order = saved_order
+
+
+def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started: float) -> dict:
+    import ray
+    from ray.data.expressions import col
+
+    opts = _options(cfg)
     _clear_unpublished_generations(cfg, keep=old["generation"] if old else None)
     generation = f"gen-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{storage.unique_suffix()[:6]}"
     rules = preprocess.Rules.from_config(cfg.data)
@@ -188,21 +208,20 @@ def run_prepare(cfg: TesseraConfig) -> dict:
     # 2. Duplicate keys: aggregate keys only (nothing large moves), keep each key's first sample.
     from ray.data.aggregate import Count, Min
 
-    partitions = max(1, min(64, processed.num_blocks()))
+    # Keys only: one partition holds a few hundred thousand comfortably.
+    partitions = max(1, min(64, -(-kept_total // 250_000)))
     repeated = (processed.map_batches(_only_kept, batch_format="pyarrow").select_columns(["key", "order"])
                 .groupby("key", num_partitions=partitions).aggregate(Count(), Min("order"))
                 .map_batches(_only_repeated, batch_format="pyarrow").take_all()) if kept_total else []
     first_order = {r["key"]: r["min(order)"] for r in repeated}
     reasons["duplicate_key"] = sum(r["count()"] - 1 for r in repeated)
-    # Sorting by (split, order) makes shard contents independent of task timing.
-    final = (processed.map_batches(_kept_first_of_key, batch_format="pyarrow", fn_kwargs={"first_order": first_order})
-             .sort(["split", "order"]).materialize())
-    del processed
 
     # 3. Shards: exact sizes from a pure plan over the ordered blocks, one write task per shard.
-    refs = final.to_arrow_refs()
+    # Skipped rows and later duplicates are dropped inside these tasks, block by block.
+    refs = processed.to_arrow_refs()
+    first_ref = ray.put(first_order)
     count_task = ray.remote(_split_counts)
-    block_counts = ray.get([count_task.remote(r) for r in refs])
+    block_counts = ray.get([count_task.remote(r, first_ref) for r in refs])
     write_task = ray.remote(_write_shard)
     image_ext = cfg.data.image_format
     splits: dict[str, dict] = {}
@@ -217,7 +236,7 @@ def run_prepare(cfg: TesseraConfig) -> dict:
             rel = f"{generation}/{split}/{plan.shard_name(i)}"
             pieces = [(refs[s.block], s.start, s.stop) for s in slices]
             pending.append(write_task.remote(pieces, split=split, uri=storage.join(cfg.data_uri, rel),
-                                             image_ext=image_ext, opts=opts))
+                                             image_ext=image_ext, first_order=first_ref, opts=opts))
             entries.append({"path": rel, "num_samples": sum(s.stop - s.start for s in slices)})
         splits[split] = {"num_samples": sum(per_block), "shards": entries}
     total_shards = len(pending)
@@ -230,7 +249,7 @@ def run_prepare(cfg: TesseraConfig) -> dict:
             log.info("wrote %d/%d shards", done, total_shards)
 
     # 4. Caption tokenizer from the training captions (streamed, captions only).
-    train_final = final.filter(expr=col("split") == "train") if splits.get("train", {}).get("num_samples") else None
+    train_final = processed.filter(expr=(col("split") == "train") & (col("reason") == "")) if splits.get("train", {}).get("num_samples") else None
     limit = cfg.tokenizer.max_training_captions
 
     def captions() -> Iterator[str]:
