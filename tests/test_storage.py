@@ -31,6 +31,12 @@ def test_local_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["shard.tar"]  # no temporary left behind
 
 
+def test_credentials_in_uri_are_refused_without_echoing_them():
+    with pytest.raises(StorageError) as e:
+        storage.resolve("s3://AKIAKEY:s3cr3t@bucket/data")
+    assert "s3cr3t" not in str(e.value) and "credentials in URIs" in str(e.value)
+
+
 def test_missing_local_input_is_one_clear_error(tmp_path):
     with pytest.raises(StorageError, match=r"no input files with suffix \.tar found"):
         storage.require_inputs(str(tmp_path / "missing"), suffixes=(".tar",))

@@ -99,6 +99,10 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     parts = urlsplit(uri)
     if not parts.netloc:
         raise StorageError(f"{uri}: missing bucket name")
+    if "@" in parts.netloc:
+        # Never echo the URI: it holds a secret.
+        raise StorageError(f"{scheme}://…@{parts.netloc.rsplit('@', 1)[1]}: credentials in URIs are not supported "
+                           "(they would end up in manifests and logs); use the AWS_* / GOOGLE_* variables or an instance role")
     return _filesystem(scheme, opts), f"{parts.netloc}{parts.path}".rstrip("/")
 
 
