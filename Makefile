@@ -10,15 +10,15 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-all bench lint clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/base.txt requirements/dev.txt
+$(STAMP): pyproject.toml requirements/base.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip==26.0.1"
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet -r requirements/dev.txt -c requirements/constraints.txt
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -36,6 +36,10 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check platform jobs tests bench
+
+lock: setup
+	{ head -3 requirements/constraints.txt; $(PIP) freeze | grep -viE '^(torch|tessera|-e |sympy|mpmath|networkx|jinja2|markupsafe|filelock|typing.extensions|setuptools|pip)(==| )'; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
 
 clean:
 	rm -rf runs/demo .pytest_cache .ruff_cache
