@@ -40,18 +40,44 @@ def _consume(config: dict):
         Path(config["out"]).write_text(json.dumps(seen))
 
 
-def test_two_train_workers_consume_every_sample_once(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    from tessera.data.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config("debug", [f"run.root_uri={root}", "data.source.shapes.num_samples=700",
+                                "data.source.shapes.num_heldout=0", "data.source.shapes.image_size=32",
+                                "data.resolution=32", "data.samples_per_shard=100", "loader.batch_size=32",
+                                "loader.local_shuffle_buffer=64", "ray.data_cpu_limit=1", "data.val_fraction=0.1"])
+    return cfg, run_prepare(cfg)
+
+
+def test_validation_split_without_shuffle_gives_writable_tensors(prepared):
+    import warnings
+
+    from tessera.data.pipeline import build_training_dataset, iter_training_batches
+
+    cfg, manifest = prepared
+    cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"local_shuffle_buffer": 0})})
+    ds = build_training_dataset(cfg, split="val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when handed a read-only array
+        runs = [[int(i) for b in iter_training_batches(ds.iterator(), cfg.loader) for i in b["sample_id"]] for _ in range(2)]
+        batch = next(iter(iter_training_batches(ds.iterator(), cfg.loader)))
+        batch["image"].add_(1)  # in place: must be our own copy
+    assert len(runs[0]) == len(set(runs[0])) == manifest["splits"]["val"]["num_samples"] > 0
+    assert sorted(runs[0]) == sorted(runs[1])
+    with pytest.raises(ValueError, match="no 'heldout' split"):
+        build_training_dataset(cfg, split="heldout")
+
+
+def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tessera.data.pipeline import build_training_dataset, sample_id, train_data_config
-    from tessera.data.prepare import run_prepare
 
-    cfg = load_config("debug", [f"run.root_uri={tmp_path}", "data.source.shapes.num_samples=700",
-                                "data.source.shapes.num_heldout=0", "data.source.shapes.image_size=32",
-                                "data.resolution=32", "data.samples_per_shard=100", "loader.batch_size=32",
-                                "loader.local_shuffle_buffer=64", "ray.data_cpu_limit=1"])
-    manifest = run_prepare(cfg)
+    cfg, manifest = prepared
     n_train = manifest["splits"]["train"]["num_samples"]
     assert len(manifest["splits"]["train"]["shards"]) == -(-n_train // 100)
 

@@ -69,6 +69,24 @@ def decode_batch(batch: dict, *, tokenizer_json: str, text_len: int, image_ext: 
     }
 
 
+def decode_shards(batch: dict, **decode_kwargs) -> dict:
+    """Whole tar shards (one per row, as read_binary_files gives them) -> decoded samples."""
+    from tessera.data.tar import TarReadResult, iter_tar_samples
+
+    ext = decode_kwargs["image_ext"]
+    cols: dict[str, list] = {"__key__": [], ext: [], "txt": []}
+    for data in batch["bytes"]:
+        result = TarReadResult()
+        for s in iter_tar_samples(io.BytesIO(data), result):
+            cols["__key__"].append(s.key)
+            cols[ext].append(s.files[ext])
+            cols["txt"].append(s.files["txt"])
+        if result.truncated:
+            # Prepared shards are written atomically, so this is storage corruption, not input noise.
+            raise OSError(f"prepared shard is damaged: {result.error}")
+    return decode_batch(cols, **decode_kwargs)
+
+
 def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri: str | None = None):
     """The Ray Data dataset a training stage consumes (lazy: nothing is read until iterated)."""
     import ray
@@ -86,23 +104,41 @@ def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri
         if cfg.loader.file_shuffle and split == "train"
         else None
     )
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle,
-                                  override_num_blocks=len(paths))
+    # One row per shard (the whole tar, ~1-30 MB), parsed and decoded in the same task: whole
+    # blocks (batch_size=None) let Ray fuse the decode into the read, so raw bytes never pass
+    # through the object store, and no per-sample Python rows are built on the way.
+    ds = ray.data.read_binary_files(paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths))
     return ds.map_batches(
-        decode_batch,
-        batch_size=256,
+        decode_shards,
+        batch_size=None,
         fn_kwargs=dict(tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
                        image_ext=manifest["image_format"], resolution=manifest["resolution"]),
     )
 
 
+def _writable_collate():
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class WritableTensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> dict:
+            import torch
+
+            return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in batch.items()}
+
+    return WritableTensors()
+
+
 def iter_training_batches(shard, loader_cfg, *, epoch: int = 0):
     """Inside a Train worker: torch batches from `ray.train.get_dataset_shard(...)`."""
+    buffer = loader_cfg.local_shuffle_buffer
     return shard.iter_torch_batches(
         batch_size=loader_cfg.batch_size,
-        local_shuffle_buffer_size=loader_cfg.local_shuffle_buffer or None,
-        local_shuffle_seed=(loader_cfg.shuffle_seed + 1_000_003 * epoch) if loader_cfg.local_shuffle_buffer else None,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=(loader_cfg.shuffle_seed + 1_000_003 * epoch) if buffer else None,
         prefetch_batches=loader_cfg.prefetch_batches,
+        # Without a shuffle buffer the arrays are views of read-only blocks in the object store;
+        # copy them so a training step may modify its batch in place.
+        collate_fn=None if buffer else _writable_collate(),
         drop_last=False,
     )
 
