@@ -38,7 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check platform jobs tests bench
 
 lock: setup
-	{ head -3 requirements/constraints.txt; $(PIP) freeze | grep -viE '^(torch|tessera|-e |sympy|mpmath|networkx|jinja2|markupsafe|filelock|typing.extensions|setuptools|pip)(==| )'; } > requirements/constraints.txt.new
+	{ head -3 requirements/constraints.txt; $(PIP) freeze | grep -viE '^(-e |#)' | grep -viE '^(torch|tessera|sympy|mpmath|networkx|jinja2|markupsafe|filelock|typing.extensions|setuptools|pip)(==| )'; } > requirements/constraints.txt.new
 	mv requirements/constraints.txt.new requirements/constraints.txt
 
 clean:
