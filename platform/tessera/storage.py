@@ -8,6 +8,7 @@ task carries nothing secret and nothing secret reaches a log or a manifest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -48,10 +49,6 @@ def scheme_of(uri: str) -> str:
     parts = urlsplit(uri)
     # A Windows drive letter or a relative path has no scheme worth the name.
     return parts.scheme if len(parts.scheme) > 1 else ""
-
-
-def is_object_store(uri: str) -> bool:
-    return scheme_of(uri) in OBJECT_STORE_SCHEMES
 
 
 def join(base: str, *parts: str) -> str:
@@ -231,7 +228,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            with _suppress_oserror():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         return
@@ -280,19 +277,5 @@ def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> Non
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n", options)
 
 
-def delete_dir_contents(uri: str, options: StorageOptions | None = None) -> None:
-    fs, path = resolve(uri, options)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
 def unique_suffix() -> str:
     return uuid.uuid4().hex[:12]
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et, ev, tb) -> bool:
-        return et is not None and issubclass(et, OSError)

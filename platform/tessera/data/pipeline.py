@@ -21,13 +21,12 @@ from PIL import Image
 
 from tessera import storage
 from tessera.config import TesseraConfig
+from tessera.data.prepare import MANIFEST, MANIFEST_KIND
 from tessera.data.tokenizer import CaptionTokenizer
-
-MANIFEST_KIND = "tessera.prepared_dataset"
 
 
 def load_manifest(data_uri: str, options: storage.StorageOptions | None = None) -> dict:
-    uri = storage.join(data_uri, "manifest.json")
+    uri = storage.join(data_uri, MANIFEST)
     if not storage.exists(uri, options):
         raise storage.StorageError(f"{uri}: no prepared dataset here (run jobs/prepare.py first)")
     manifest = storage.read_json(uri, options)

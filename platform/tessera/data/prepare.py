@@ -31,6 +31,7 @@ from tessera.data.tokenizer import train_tokenizer
 log = logging.getLogger("tessera.prepare")
 
 MANIFEST = "manifest.json"
+MANIFEST_KIND = "tessera.prepared_dataset"
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val", "heldout")
 FILE_LEVEL_REASONS = ("truncated_shard", "unreadable_file")
@@ -203,16 +204,16 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
     for counts in ray.get([reason_task.remote(r) for r in processed.to_arrow_refs()]):
         for r, n in counts.items():
             reasons[r] = reasons.get(r, 0) + n
-    kept_total = sum(n for r, n in reasons.items() if r == "")
+    kept_rows = reasons.get("", 0)
 
     # 2. Duplicate keys: aggregate keys only (nothing large moves), keep each key's first sample.
     from ray.data.aggregate import Count, Min
 
     # Keys only: one partition holds a few hundred thousand comfortably.
-    partitions = max(1, min(64, -(-kept_total // 250_000)))
+    partitions = max(1, min(64, -(-kept_rows // 250_000)))
     repeated = (processed.map_batches(_only_kept, batch_format="pyarrow").select_columns(["key", "order"])
                 .groupby("key", num_partitions=partitions).aggregate(Count(), Min("order"))
-                .map_batches(_only_repeated, batch_format="pyarrow").take_all()) if kept_total else []
+                .map_batches(_only_repeated, batch_format="pyarrow").take_all()) if kept_rows else []
     first_order = {r["key"]: r["min(order)"] for r in repeated}
     reasons["duplicate_key"] = sum(r["count()"] - 1 for r in repeated)
 
@@ -271,15 +272,13 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
     # 5. The manifest publishes the dataset; only then is the previous generation removed.
     from tessera.cluster import code_version
 
-    file_level = {r: reasons.pop(r, 0) for r in FILE_LEVEL_REASONS}
     kept_total = sum(s["num_samples"] for s in splits.values())
-    reasons.pop("", None)
-    skipped = {r: int(reasons.get(r, 0)) for r in preprocess.REASONS if r not in FILE_LEVEL_REASONS}
-    skipped.update(file_level)
+    skipped = {r: int(reasons.get(r, 0)) for r in preprocess.REASONS}
+    # File-level damage rows stand for a file, not a sample.
+    input_samples = kept_total + sum(n for r, n in skipped.items() if r not in FILE_LEVEL_REASONS)
     wall = time.time() - started
-    input_samples = kept_total + sum(reasons.values())
     manifest = {
-        "kind": "tessera.prepared_dataset",
+        "kind": MANIFEST_KIND,
         "format_version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -182,8 +183,6 @@ def assign_split(key: str, *, val_fraction: float, seed: int) -> str:
 
 def process_table(batch: pa.Table, rules: Rules) -> pa.Table:
     """RAW_SCHEMA rows -> PROCESSED_SCHEMA rows, one out per one in."""
-    import json
-
     cols = {name: batch.column(name).to_pylist() for name in RAW_SCHEMA.names}
     out: dict[str, list] = {name: [] for name in PROCESSED_SCHEMA.names}
     for i in range(batch.num_rows):

@@ -26,7 +26,6 @@ class TarSample:
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
     position: int = 0  # index of the sample within its shard
-    repeated_ext: bool = False  # an extension occurred twice in a row for this key
 
 
 @dataclass
@@ -52,10 +51,9 @@ def iter_tar_samples(stream: BinaryIO, result: TarReadResult) -> Iterator[TarSam
                 # A new key completes the previous sample: yield it before reading further, so
                 # damage inside this member cannot take the finished sample with it.
                 if current is not None and (key != current.key or ext in current.files):
-                    repeated = key == current.key
                     yield current
                     position += 1
-                    current = TarSample(key=key, position=position, repeated_ext=repeated)
+                    current = TarSample(key=key, position=position)
                 elif current is None:
                     current = TarSample(key=key, position=position)
                 f = tf.extractfile(member)
