@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from tessera.models.dvae import (
+    DVAE,
+    NAMED_SHAPES,
+    DVAEShape,
+    codebook_usage,
+    logit_laplace_nll,
+    map_pixels,
+    psnr,
+    unmap_pixels,
+)
+
+TINY = DVAEShape(image_size=32, num_tokens=64, grid_size=8, hidden=16, blocks_per_group=1, decoder_init=16)
+
+
+def test_shapes_of_encode_decode_and_named_sizes():
+    torch.manual_seed(0)
+    m = DVAE(TINY)
+    x = torch.rand(2, 3, 32, 32)
+    tokens = m.encode(x)
+    assert tokens.shape == (2, 8, 8) and tokens.dtype == torch.int64 and int(tokens.max()) < 64
+    y = m.decode(tokens)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert NAMED_SHAPES["paper"].groups == 4 and NAMED_SHAPES["paper"].grid_size == 32
+    assert NAMED_SHAPES["paper"].num_tokens == 8192 and NAMED_SHAPES["debug"].groups == 3 and NAMED_SHAPES["debug"].grid_size == 8
+    with pytest.raises(ValueError, match="power of two"):
+        DVAEShape(image_size=48, grid_size=16)
+
+
+def test_encode_is_deterministic_argmax():
+    m = DVAE(TINY)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(m.encode(x), m.encode(x))
+    assert torch.equal(m.encode(x), m.encoder(map_pixels(x)).argmax(1))
+
+
+def test_pixel_mapping_and_logit_laplace():
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.allclose(unmap_pixels(map_pixels(x)), x, atol=1e-6)
+    xm = map_pixels(x)
+    assert float(xm.min()) >= 0.1 and float(xm.max()) <= 0.9
+    # NLL is lowest when μ = logit(x) and matches the closed form there: log(2b x(1-x)).
+    logit = torch.log(xm) - torch.log1p(-xm)
+    exact = torch.cat([logit, torch.zeros_like(logit)], 1)
+    assert logit_laplace_nll(exact, xm) < logit_laplace_nll(exact + 0.5 * torch.cat([torch.ones_like(logit), torch.zeros_like(logit)], 1), xm)
+    expected = (math.log(2) + torch.log(xm * (1 - xm))).mean()
+    assert torch.allclose(logit_laplace_nll(exact, xm), expected, atol=1e-5)
+
+
+def test_kl_is_zero_for_uniform_logits_and_loss_backprops():
+    m = DVAE(TINY)
+    for p in m.encoder.net[-1].parameters():
+        torch.nn.init.zeros_(p)  # all-zero logits: q is uniform
+    out = m(torch.rand(2, 3, 32, 32), tau=1.0, beta=6.6)
+    assert abs(float(out["kl"].detach())) < 1e-5
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_metrics():
+    a = torch.zeros(1, 3, 4, 4)
+    assert float(psnr(a, a + 0.1)) == pytest.approx(20.0, abs=1e-4)
+    ppl, used = codebook_usage(torch.tensor([[0, 1], [2, 3]]), 8)
+    assert ppl == pytest.approx(4.0) and used == pytest.approx(0.5)
+
+
+def test_a_few_steps_learn_on_flat_colour_images():
+    torch.manual_seed(0)
+    m = DVAE(TINY)
+    opt = torch.optim.Adam(m.parameters(), lr=5e-3)
+    x = torch.zeros(16, 3, 32, 32)
+    for i in range(16):
+        x[i, i % 3] = 0.2 + 0.05 * i
+    before = float(psnr(m.decode(m.encode(x)), x))
+    for _ in range(60):
+        loss = m(x, tau=1.0, beta=0.0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = float(psnr(m.decode(m.encode(x)), x))
+    assert after > before + 5  # measured: 6.9 -> 13.5 dB
