@@ -135,6 +135,40 @@ class LoaderConfig(Section):
     prefetch_batches: int = Field(2, ge=0)
 
 
+class DVAETrainConfig(Section):
+    """Stage 1: the dVAE and how it is trained (paper §A.2 defaults where they apply)."""
+
+    size: Literal["debug", "small", "paper"] = "debug"
+    num_tokens: int | None = Field(None, ge=2)  # override the size's codebook K
+    steps: int = Field(3_000, ge=1)
+    micro_batch: int = Field(32, ge=1)  # per worker
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+    tau_start: float = Field(1.0, gt=0)
+    tau_end: float = Field(1 / 16, gt=0)
+    tau_steps: int | None = Field(None, ge=1)  # None: all of `steps`
+    beta_max: float = Field(6.6, ge=0)
+    beta_steps: int = Field(5_000, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    report_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=-1)  # -1: retry forever
+    seed: int = 0
+    # None: {run.root_uri}/dvae
+    output_uri: str | None = None
+
+
 class TesseraConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -142,12 +176,19 @@ class TesseraConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    dvae: DVAETrainConfig = Field(default_factory=DVAETrainConfig)
 
     @property
     def data_uri(self) -> str:
         from tessera import storage
 
         return self.data.output_uri or storage.join(self.run.root_uri, "data")
+
+    @property
+    def dvae_uri(self) -> str:
+        from tessera import storage
+
+        return self.dvae.output_uri or storage.join(self.run.root_uri, "dvae")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,198 @@
+"""Stage 1 worker loop: the dVAE trained with DeepSpeed, in a Ray Train worker or in one process.
+
+    hooks.batches() ─uint8 (B,H,W,3)─▶ float (B,3,S,S) ─▶ engine(images, τ, β) ─▶ backward/step
+      every report_every: metrics (mean over ranks) ─▶ hooks.report
+      every checkpoint_every / at the end: every rank saves its DeepSpeed state into one folder
+      ─▶ hooks.report(checkpoint=folder); resume = hooks.latest_checkpoint()
+
+The model knows nothing of this: DeepSpeed wraps it here (STYLE 1). Hooks decide where batches
+come from and where reports/checkpoints go, so the same loop runs under Ray Train and in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tessera.config import TesseraConfig
+from tessera.models.dvae import DVAE, NAMED_SHAPES, DVAEShape, codebook_usage, psnr
+from tessera.parallel import dist
+from tessera.parallel.deepspeed_config import build_deepspeed_config
+from tessera.training import schedules
+
+log = logging.getLogger("tessera.train_dvae")
+CHECKPOINT_TAG = "ds"
+STATE_FILE = "tessera_state.json"
+
+
+class Hooks(Protocol):
+    def batches(self, epoch: int) -> Iterator[dict]: ...
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint(self) -> str | None: ...
+
+
+def dvae_shape(cfg: TesseraConfig) -> DVAEShape:
+    shape = NAMED_SHAPES[cfg.dvae.size]
+    return replace(shape, num_tokens=cfg.dvae.num_tokens) if cfg.dvae.num_tokens else shape
+
+
+def to_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1]; area-downsampled when the data is
+    larger than the model's resolution."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x
+
+
+def _init_distributed(backend: str) -> None:
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        # One process without a launcher: a group of one on loopback.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(backend, verbose=False)  # reuses Ray Train's group when there is one
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
+    """Train to cfg.dvae.steps (resuming from the latest checkpoint); returns the last metrics."""
+    t = cfg.dvae
+    use_cuda = t.use_gpu and torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    _init_distributed("nccl" if use_cuda else "gloo")
+    torch.manual_seed(t.seed)
+    shape = dvae_shape(cfg)
+    model = DVAE(shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    ds_config = build_deepspeed_config(micro_batch=t.micro_batch, grad_accum=t.grad_accum, world_size=dist.world_size(),
+                                       zero_stage=t.zero_stage, precision=t.precision, grad_clip=t.grad_clip)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    device = engine.device
+
+    step = 0
+    resume = hooks.latest_checkpoint()
+    if resume:
+        engine.load_checkpoint(resume, tag=CHECKPOINT_TAG)
+        step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
+        log.info("resumed from step %d", step)
+
+    tau_steps = t.tau_steps or t.steps
+    window = {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0, "psnr": 0.0, "n": 0}
+    last: dict = {}
+    tick, samples = time.time(), 0
+    epoch = step  # a fresh file order after a resume, not a replay of epoch 0
+    micro = 0
+    while step < t.steps:
+        for batch in hooks.batches(epoch):
+            if step >= t.steps:
+                break
+            # Gumbel noise from a per-(step, rank) seed: a resumed run draws what the
+            # uninterrupted one would have, without checkpointing RNG state.
+            torch.manual_seed(t.seed * 1_000_003 + step * 1_009 + dist.rank())
+            images = to_model_input(batch["image"].to(device), shape.image_size)
+            tau = schedules.temperature(step, start=t.tau_start, end=t.tau_end, steps=tau_steps)
+            beta = schedules.kl_weight(step, end=t.beta_max, steps=t.beta_steps)
+            lr = t.lr * schedules.lr_factor(step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = engine(images, tau=tau, beta=beta)
+            engine.backward(out["loss"])
+            engine.step()
+            micro += 1
+            if micro % t.grad_accum:
+                continue
+            step += 1
+            samples += images.shape[0]
+            with torch.no_grad():
+                window["loss"] += float(out["loss"])
+                window["recon_nll"] += float(out["recon_nll"])
+                window["kl"] += float(out["kl"])
+                window["psnr"] += float(psnr(out["recon"], images))
+                window["n"] += 1
+            save = step % t.checkpoint_every == 0 or step == t.steps
+            if step % t.report_every == 0 or save:
+                tokens = out["logits"].argmax(dim=1)
+                ppl, used = codebook_usage(tokens, shape.num_tokens)
+                n = max(1, window["n"])
+                means = dist.all_reduce_mean([window[k] / n for k in ("loss", "recon_nll", "kl", "psnr")] + [ppl, used])
+                elapsed = time.time() - tick
+                last = {"step": step, "loss": means[0], "recon_nll": means[1], "kl": means[2], "psnr": means[3],
+                        "perplexity": means[4], "codes_used": means[5], "tau": tau, "beta": beta, "lr": lr,
+                        "samples_per_s": samples * dist.world_size() / max(elapsed, 1e-9)}
+                window = dict.fromkeys(window, 0.0) | {"n": 0}
+                tick, samples = time.time(), 0
+                if save:
+                    with tempfile.TemporaryDirectory(prefix="tessera-dvae-ckpt-") as tmp:
+                        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+                        if dist.is_main():
+                            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "shape": shape.to_dict()}))
+                            Path(tmp, "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+                        hooks.report(last, tmp)
+                else:
+                    hooks.report(last, None)
+        epoch += 1
+    return last
+
+
+class RayTrainHooks:
+    """Batches from the worker's Ray Data shard; reports and checkpoints through Ray Train."""
+
+    def __init__(self, cfg: TesseraConfig):
+        import ray.train
+
+        self._train = ray.train
+        self.shard = ray.train.get_dataset_shard("train")
+        self.loader = cfg.loader.model_copy(update={"batch_size": cfg.dvae.micro_batch})
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    def batches(self, epoch: int) -> Iterator[dict]:
+        from tessera.data.pipeline import iter_training_batches
+
+        return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> str | None:
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="tessera-dvae-restore-")
+        return ckpt.to_directory(self._restored.name)
+
+
+def ray_train_loop(config: dict) -> None:
+    """`train_loop_per_worker` for Ray Train's TorchTrainer."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg: TesseraConfig = config["cfg"]
+    train_dvae(cfg, RayTrainHooks(cfg))
