@@ -24,6 +24,7 @@ def main(cfg) -> int:
 
     result = fit_dvae(cfg)
     print(f"dVAE run at {result.path}: {result.metrics}")
+    print(f"exported: {cfg.dvae_uri.rstrip('/')}/export/dvae.safetensors")
     return 0
 
 

@@ -8,6 +8,8 @@ isolates what resume must restore: step count, weights and optimizer state."""
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,21 @@ class StepKeyedHooks:
                 f.write(json.dumps(metrics) + "\n")
         self._train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
+    def validation_images(self):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from tessera.data.shapes import render_sample
+
+        return torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(render_sample(10_000 + j, seed=2, image_size=32).image_png)))
+                                          for j in range(8)]))
+
+    def save_artifact(self, name, data):
+        target = self.log.parent / "artifacts" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
     def latest_checkpoint(self):
         import tempfile
 
@@ -98,7 +115,7 @@ def losses(log: Path) -> dict[int, float]:
 def small_cfg(*extra):
     return load_config("debug", ["dvae.num_tokens=64", "dvae.micro_batch=4", "dvae.steps=6", "dvae.report_every=1",
                                  "dvae.checkpoint_every=3", "dvae.zero_stage=3", "dvae.warmup_steps=2",
-                                 "dvae.beta_steps=4", "dvae.lr=3e-3", *extra])
+                                 "dvae.beta_steps=4", "dvae.lr=3e-3", "dvae.eval_every=3", *extra])
 
 
 def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path):
@@ -106,7 +123,7 @@ def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path
 
     cfg = small_cfg()
     straight = tmp_path / "straight.jsonl"
-    fit(cfg, tmp_path, "straight", straight)
+    straight_result = fit(cfg, tmp_path, "straight", straight)
     a = losses(straight)
     assert sorted(a) == [1, 2, 3, 4, 5, 6]
 
@@ -121,6 +138,29 @@ def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path
     for step in range(1, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
     assert a[6] < a[1]  # and it learns
+    grids = sorted(p.name for p in (tmp_path / "artifacts" / "samples").glob("*.png"))
+    assert "step-0000006.png" in grids
+    last = json.loads(straight.read_text().splitlines()[-1])
+    assert {"val_psnr", "val_codes_used", "val_perplexity", "psnr", "kl", "tau", "beta", "samples_per_s"} <= set(last)
+
+    # Export the ZeRO-3-sharded checkpoint; load it in a process without DeepSpeed or Ray.
+    from tessera.training.export import export_dvae
+
+    with straight_result.checkpoint.as_directory() as d:
+        meta = export_dvae(d, str(tmp_path / "export"))
+    assert meta["step"] == 6 and meta["shape"]["num_tokens"] == 64
+    code = (
+        "import sys, torch\n"
+        "from tessera.training.export import load_dvae\n"
+        f"m = load_dvae({str(tmp_path / 'export')!r})\n"
+        "y = m.decode(m.encode(torch.rand(2, 3, 32, 32)))\n"
+        "assert y.shape == (2, 3, 32, 32)\n"
+        "assert not {'deepspeed', 'ray'} & set(sys.modules), sorted(sys.modules)\n"
+        "print(sum(p.numel() for p in m.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == meta["num_parameters"]
 
 
 def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster, tmp_path):

@@ -26,4 +26,11 @@ def fit_dvae(cfg: TesseraConfig):
         run_config=RunConfig(name=f"{cfg.run.name}-dvae", storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.checkpoint is not None:
+        from tessera.training.export import export_dvae
+
+        with result.checkpoint.as_directory() as ckpt_dir:
+            export_dvae(ckpt_dir, storage.join(cfg.dvae_uri, "export"),
+                        options=storage.StorageOptions.from_config(cfg.storage))
+    return result

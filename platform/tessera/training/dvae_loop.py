@@ -42,6 +42,49 @@ class Hooks(Protocol):
 
     def latest_checkpoint(self) -> str | None: ...
 
+    def validation_images(self) -> torch.Tensor | None:
+        """A fixed uint8 (N, H, W, 3) batch, the same on every rank, or None."""
+        ...
+
+    def save_artifact(self, name: str, data: bytes) -> None:
+        """Write a file (e.g. a PNG grid) into the run's storage; called on rank 0 only."""
+        ...
+
+
+def reconstruction_grid(originals: torch.Tensor, recon: torch.Tensor, *, per_row: int = 8) -> bytes:
+    """PNG: rows of originals, each followed by a row of their reconstructions. (N, 3, S, S) in [0, 1]."""
+    import io
+
+    from PIL import Image
+
+    n, _, size, _ = originals.shape
+    rows = -(-n // per_row)
+    canvas = Image.new("RGB", (per_row * size, 2 * rows * size), (255, 255, 255))
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        for k, img in enumerate((originals[i], recon[i])):
+            arr = (img.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+            canvas.paste(Image.fromarray(arr), (c * size, (2 * r + k) * size))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def evaluate(engine, images: torch.Tensor, shape: DVAEShape, *, step: int, hooks: Hooks) -> dict:
+    """Validation PSNR and codebook use of argmax tokens (what the prior will see). Runs on every
+    rank: under ZeRO-3 a forward pass gathers parameters collectively."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    tokens = model.encode(images)
+    recon = model.decode(tokens)
+    model.train(was_training)
+    ppl, used = codebook_usage(tokens, shape.num_tokens)
+    if dist.is_main():
+        hooks.save_artifact(f"samples/step-{step:07d}.png", reconstruction_grid(images[:32], recon[:32]))
+    return {"val_psnr": float(psnr(recon, images)), "val_perplexity": ppl, "val_codes_used": used}
+
 
 def dvae_shape(cfg: TesseraConfig) -> DVAEShape:
     shape = NAMED_SHAPES[cfg.dvae.size]
@@ -104,6 +147,8 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
         log.info("resumed from step %d", step)
 
     tau_steps = t.tau_steps or t.steps
+    val = hooks.validation_images()
+    val = to_model_input(val.to(device), shape.image_size) if val is not None else None
     window = {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0, "psnr": 0.0, "n": 0}
     last: dict = {}
     tick, samples = time.time(), 0
@@ -146,6 +191,8 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
                 last = {"step": step, "loss": means[0], "recon_nll": means[1], "kl": means[2], "psnr": means[3],
                         "perplexity": means[4], "codes_used": means[5], "tau": tau, "beta": beta, "lr": lr,
                         "samples_per_s": samples * dist.world_size() / max(elapsed, 1e-9)}
+                if val is not None and (step % t.eval_every == 0 or step == t.steps):
+                    last |= evaluate(engine, val, shape, step=step, hooks=hooks)
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
                 tick, samples = time.time(), 0
                 if save:
@@ -170,6 +217,7 @@ class RayTrainHooks:
         self._train = ray.train
         self.shard = ray.train.get_dataset_shard("train")
         self.loader = cfg.loader.model_copy(update={"batch_size": cfg.dvae.micro_batch})
+        self.cfg = cfg
         self._restored: tempfile.TemporaryDirectory | None = None
 
     def batches(self, epoch: int) -> Iterator[dict]:
@@ -189,6 +237,40 @@ class RayTrainHooks:
             return None
         self._restored = tempfile.TemporaryDirectory(prefix="tessera-dvae-restore-")
         return ckpt.to_directory(self._restored.name)
+
+
+    def validation_images(self) -> torch.Tensor | None:
+        return load_validation_images(self.cfg, limit=VALIDATION_IMAGES)
+
+    def save_artifact(self, name: str, data: bytes) -> None:
+        from tessera import storage
+
+        storage.write_bytes(storage.join(self.cfg.dvae_uri, name), data,
+                            storage.StorageOptions.from_config(self.cfg.storage))
+
+
+VALIDATION_IMAGES = 64
+
+
+def load_validation_images(cfg: TesseraConfig, *, limit: int) -> torch.Tensor | None:
+    """The first `limit` images of the prepared validation split, read directly (no Ray): every
+    rank reads the same ones."""
+    from tessera import storage
+    from tessera.data.pipeline import decode_shards, load_manifest, shard_uris
+
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    manifest = load_manifest(cfg.data_uri, opts)
+    if not manifest["splits"].get("val", {}).get("num_samples"):
+        return None
+    tok = storage.read_bytes(storage.join(cfg.data_uri, manifest["tokenizer"]["path"]), opts).decode()
+    images = []
+    for uri in shard_uris(cfg.data_uri, manifest, "val"):
+        out = decode_shards({"bytes": [storage.read_bytes(uri, opts)]}, tokenizer_json=tok, text_len=1,
+                            image_ext=manifest["image_format"], resolution=manifest["resolution"])
+        images.append(torch.from_numpy(out["image"]))
+        if sum(len(i) for i in images) >= limit:
+            break
+    return torch.cat(images)[:limit]
 
 
 def ray_train_loop(config: dict) -> None:

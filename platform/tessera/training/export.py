@@ -1,0 +1,60 @@
+"""Export: a (possibly ZeRO-3-sharded) DeepSpeed checkpoint -> `dvae.safetensors` + `dvae.json`,
+loadable with torch + safetensors alone (no DeepSpeed, no Ray, nothing unpickled)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tessera import storage
+from tessera.models.dvae import DVAE, DVAEShape
+
+WEIGHTS = "dvae.safetensors"
+META = "dvae.json"
+KIND = "tessera.dvae"
+
+
+def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from every rank's shard files (ZeRO 1/2/3), or from the single model file
+    a ZeRO-0 run writes."""
+    ckpt = Path(checkpoint_dir)
+    if any((ckpt / tag).glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    else:
+        # Our own checkpoint, written by this code: trusted input for torch.load.
+        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+
+
+def export_dvae(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
+    from safetensors.torch import save
+
+    from tessera.training.dvae_loop import CHECKPOINT_TAG, STATE_FILE
+
+    state_file = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+    shape = DVAEShape(**state_file["shape"])
+    weights = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG)
+    DVAE(shape).load_state_dict(weights)  # strict: the export is complete or it is not written
+    meta = {"kind": KIND, "format_version": 1, "shape": shape.to_dict(), "step": state_file["step"],
+            "num_parameters": sum(v.numel() for v in weights.values())}
+    config = Path(checkpoint_dir) / "config.json"
+    if config.exists():
+        meta["config"] = json.loads(config.read_text())
+    storage.write_bytes(storage.join(out_uri, WEIGHTS), save(weights), options)
+    storage.write_json(storage.join(out_uri, META), meta, options)  # last: marks the export complete
+    return meta
+
+
+def load_dvae(uri: str, *, options: storage.StorageOptions | None = None, device: str = "cpu") -> DVAE:
+    from safetensors.torch import load
+
+    meta = storage.read_json(storage.join(uri, META), options)
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{uri}: {META} is not a tessera dVAE export (kind={meta.get('kind')!r})")
+    model = DVAE(DVAEShape(**meta["shape"]))
+    model.load_state_dict(load(storage.read_bytes(storage.join(uri, WEIGHTS), options)))
+    return model.to(device).eval()
