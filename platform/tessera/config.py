@@ -178,6 +178,79 @@ class DVAETrainConfig(Section):
     output_uri: Uri | None = None
 
 
+class PriorTrainConfig(Section):
+    """Stage 2: the transformer prior and how it is trained (paper §B.2 defaults where they apply).
+
+    The shape's vocabularies and grid come from the token dataset's manifest and its caption
+    length from `loader.text_len`; `size` names the rest (width, depth, heads, attention)."""
+
+    size: Literal["debug", "small", "paper"] = "debug"
+    # Overrides of the named size (None keeps the size's value).
+    dim: int | None = Field(None, ge=8)
+    depth: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    attention: Literal["full", "sparse"] | None = None
+    glu: bool | None = None
+    normformer: bool | None = None
+    # 'auto': FlexAttention (block-sparse) on CUDA, the dense reference path elsewhere.
+    attention_impl: Literal["auto", "dense", "flex"] = "auto"
+    steps: int = Field(3_000, ge=1)
+    micro_batch: int = Field(32, ge=1)  # sequences per worker per micro-step
+    grad_accum: int = Field(1, ge=1)
+    # Paper: AdamW, lr 4.5e-4, β = (0.9, 0.96), ε = 1e-8, decay 4.5e-2, gradient norm clipped at 4.
+    lr: float = Field(4.5e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(4.5e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.96)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(4.0, gt=0)
+    # Loss = text_weight · caption CE + image_weight · image CE (paper: 1/8, 7/8).
+    text_weight: float = Field(1 / 8, ge=0)
+    image_weight: float = Field(7 / 8, ge=0)
+    # Each caption is replaced by the all-padding caption with this probability, so the model
+    # also learns p(image) (classifier-free guidance at sampling time; the validation baseline).
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    zero_stage: int = Field(3, ge=0, le=3)
+    # 'auto': bf16 autocast where the device computes in bf16 natively (CUDA), else fp32.
+    # 'fp16': fp16 autocast with the paper's per-resblock gradient scaling (CUDA only).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Per-resblock gradient scaling; None: on exactly when precision is fp16 (true in fp32
+    # exercises the scaler's machinery at no numerical risk).
+    resblock_grad_scaling: bool | None = None
+    report_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    # Validation: image loss with and without captions over the first `val_samples` val rows;
+    # a sample grid for the first `grid_captions` val captions, `grid_samples` images each.
+    val_samples: int = Field(256, ge=1)
+    grid_captions: int = Field(8, ge=0)
+    grid_samples: int = Field(4, ge=1)
+    grid_temperature: float = Field(1.0, ge=0)
+    grid_top_k: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=-1)  # -1: retry forever
+    seed: int = 0
+    # None: {run.root_uri}/tokens (what jobs/encode.py writes)
+    tokens_uri: Uri | None = None
+    # None: {run.root_uri}/prior
+    output_uri: Uri | None = None
+
+    @model_validator(mode="after")
+    def _precision(self) -> PriorTrainConfig:
+        if self.resblock_grad_scaling and self.precision in ("bf16", "auto"):
+            raise ValueError("resblock_grad_scaling: true needs precision fp16 (or fp32, to exercise the scaler); "
+                             "bf16 needs no loss scaling")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 needs use_gpu: true (fp16 autocast runs on CUDA; use bf16 or fp32 on CPU)")
+        if self.text_weight + self.image_weight <= 0:
+            raise ValueError("text_weight + image_weight must be > 0")
+        return self
+
+
 class EncodeConfig(Section):
     """The encode job: image shards -> token shards with the exported dVAE."""
 
@@ -201,6 +274,7 @@ class TesseraConfig(Section):
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     dvae: DVAETrainConfig = Field(default_factory=DVAETrainConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)
 
     @property
     def data_uri(self) -> str:
@@ -217,6 +291,14 @@ class TesseraConfig(Section):
     @property
     def tokens_uri(self) -> str:
         return self.encode.output_uri or storage.join(self.run.root_uri, "tokens")
+
+    @property
+    def prior_tokens_uri(self) -> str:
+        return self.prior.tokens_uri or self.tokens_uri
+
+    @property
+    def prior_uri(self) -> str:
+        return self.prior.output_uri or storage.join(self.run.root_uri, "prior")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

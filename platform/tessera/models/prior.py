@@ -190,6 +190,15 @@ class Prior(nn.Module):
         return {"loss": text_weight * text_loss + image_weight * image_loss,
                 "text_loss": text_loss, "image_loss": image_loss}
 
+    def gradient_segments(self) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
+        """The network cut into segments for per-resblock gradient scaling, input to output:
+        (the module the segment's activation enters, its parameters). Embeddings; each block;
+        the final norm with both heads."""
+        embed = [self.text_emb.weight, self.text_pad, self.text_pos, self.image_emb.weight, self.image_row,
+                 self.image_col]
+        top = [*self.norm.parameters(), *self.text_head.parameters(), *self.image_head.parameters()]
+        return [(None, embed), *((b, list(b.parameters())) for b in self.blocks), (self.norm, top)]
+
     @torch.no_grad()
     def next_image_logits(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
                           image_tokens: torch.Tensor) -> torch.Tensor:

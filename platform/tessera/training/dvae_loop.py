@@ -11,14 +11,11 @@ come from and where reports/checkpoints go, so the same loop runs under Ray Trai
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -29,13 +26,19 @@ from tessera.models.dvae import DVAE, NAMED_SHAPES, DVAEShape, codebook_usage, p
 from tessera.parallel import dist
 from tessera.parallel.deepspeed_config import build_deepspeed_config
 from tessera.training import schedules
+from tessera.training.common import (
+    CHECKPOINT_TAG,
+    RayTrainIO,
+    eta_minutes,
+    init_distributed,
+    load_ema,
+    load_state,
+    save_checkpoint,
+    worker_logging,
+)
 from tessera.training.ema import ParameterEMA
 
 log = logging.getLogger("tessera.train_dvae")
-CHECKPOINT_TAG = "ds"
-STATE_FILE = "tessera_state.json"
-EMA_FILE = "ema.safetensors"
-DATA_MANIFEST_FILE = "data_manifest.json"
 
 
 class Hooks(Protocol):
@@ -94,11 +97,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, shape: DVAEShape, *, 
 
 def progress_line(m: dict, total: int, started: float, first_step: int = 0) -> str:
     """One console line per report: where the run is, how it is doing, when it will end."""
-    done = m["step"] - first_step
-    eta = (time.time() - started) / max(done, 1) * (total - m["step"])
+    eta = eta_minutes(m["step"], total, started, first_step)
     line = (f"step {m['step']}/{total} loss {m['loss']:.4f} psnr {m['psnr']:.2f} kl {m['kl']:.3f} "
             f"codes {m['codes_used']:.0%} τ {m['tau']:.3f} β {m['beta']:.2f} {m['samples_per_s']:.0f} samples/s "
-            f"eta {eta / 60:.1f} min")
+            f"eta {eta:.1f} min")
     if "val_psnr" in m:
         line += f" | val psnr {m['val_psnr']:.2f} codes {m['val_codes_used']:.0%}"
     return line
@@ -125,27 +127,6 @@ def to_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def _init_distributed(backend: str) -> None:
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        # One process without a launcher: a group of one on loopback.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(backend, verbose=False)  # reuses Ray Train's group when there is one
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
     """Train to cfg.dvae.steps (resuming from the latest checkpoint); returns the last metrics."""
     t = cfg.dvae
@@ -154,7 +135,7 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    _init_distributed("nccl" if use_cuda else "gloo")
+    init_distributed("nccl" if use_cuda else "gloo")
     torch.manual_seed(t.seed)
     shape = dvae_shape(cfg)
     model = DVAE(shape)
@@ -169,11 +150,8 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
     resume = hooks.latest_checkpoint()
     if resume:
         engine.load_checkpoint(resume, tag=CHECKPOINT_TAG)
-        step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
-        if ema is not None and (Path(resume) / EMA_FILE).exists():
-            from safetensors.torch import load_file
-
-            ema.load_state_dict(load_file(str(Path(resume) / EMA_FILE)))
+        step = load_state(resume)["step"]
+        load_ema(ema, resume)
         log.info("resumed from step %d", step)
 
     tau_steps = t.tau_steps or t.steps
@@ -235,54 +213,31 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
                 tick, samples = time.time(), 0
                 if save:
-                    with tempfile.TemporaryDirectory(prefix="tessera-dvae-ckpt-") as tmp:
-                        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-                        if dist.is_main():
-                            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "shape": shape.to_dict()}))
-                            Path(tmp, "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
-                            if data_manifest is not None:
-                                Path(tmp, DATA_MANIFEST_FILE).write_text(json.dumps(data_manifest))
-                            if ema is not None:
-                                from safetensors.torch import save_file
-
-                                save_file(ema.state_dict(), str(Path(tmp, EMA_FILE)))
-                        hooks.report(last, tmp)
+                    save_checkpoint(engine, hooks, last, state={"step": step, "shape": shape.to_dict()},
+                                    config=cfg.model_dump(mode="json"), data_manifest=data_manifest, ema=ema)
                 else:
                     hooks.report(last, None)
         epoch += 1
     return last
 
 
-class RayTrainHooks:
+class RayTrainHooks(RayTrainIO):
     """Batches from the worker's Ray Data shard; reports and checkpoints through Ray Train."""
 
     def __init__(self, cfg: TesseraConfig):
         import ray.train
 
-        self._train = ray.train
+        from tessera import storage
+
+        super().__init__(cfg.dvae_uri, storage.StorageOptions.from_config(cfg.storage))
         self.shard = ray.train.get_dataset_shard("train")
         self.loader = cfg.loader.model_copy(update={"batch_size": cfg.dvae.micro_batch})
         self.cfg = cfg
-        self._restored: tempfile.TemporaryDirectory | None = None
 
     def batches(self, epoch: int) -> Iterator[dict]:
         from tessera.data.pipeline import iter_training_batches
 
         return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        from ray.train import Checkpoint
-
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=ckpt)
-
-    def latest_checkpoint(self) -> str | None:
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._restored = tempfile.TemporaryDirectory(prefix="tessera-dvae-restore-")
-        return ckpt.to_directory(self._restored.name)
-
 
     def validation_images(self) -> torch.Tensor | None:
         return load_validation_images(self.cfg, limit=VALIDATION_IMAGES)
@@ -292,12 +247,6 @@ class RayTrainHooks:
         from tessera.data.pipeline import load_manifest
 
         return load_manifest(self.cfg.data_uri, storage.StorageOptions.from_config(self.cfg.storage))
-
-    def save_artifact(self, name: str, data: bytes) -> None:
-        from tessera import storage
-
-        storage.write_bytes(storage.join(self.cfg.dvae_uri, name), data,
-                            storage.StorageOptions.from_config(self.cfg.storage))
 
 
 VALIDATION_IMAGES = 64
@@ -324,19 +273,8 @@ def load_validation_images(cfg: TesseraConfig, *, limit: int) -> torch.Tensor | 
     return torch.cat(images)[:limit]
 
 
-def _quiet_report_log() -> None:
-    """Ray Train 2.60 logs every report() of every rank with all its metrics at INFO, which buries
-    the one progress line per report; keep its warnings."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a later Ray moved it: its log stays as it is
-        return
-    getattr(context, "logger", logging.getLogger("ray.train")).setLevel(logging.WARNING)
-
-
 def ray_train_loop(config: dict) -> None:
     """`train_loop_per_worker` for Ray Train's TorchTrainer."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    _quiet_report_log()
+    worker_logging()
     cfg: TesseraConfig = config["cfg"]
     train_dvae(cfg, RayTrainHooks(cfg))

@@ -45,7 +45,7 @@ def save_dvae(weights: dict[str, torch.Tensor], shape: DVAEShape, out_uri: str, 
 
 def export_dvae(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
     """The checkpoint's parameter EMA when the run kept one, else its trained weights."""
-    from tessera.training.dvae_loop import CHECKPOINT_TAG, EMA_FILE, STATE_FILE
+    from tessera.training.common import CHECKPOINT_TAG, EMA_FILE, STATE_FILE
 
     state_file = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
     shape = DVAEShape(**state_file["shape"])
@@ -70,4 +70,49 @@ def load_dvae(uri: str, *, options: storage.StorageOptions | None = None, device
         raise ValueError(f"{uri}: {META} is not a tessera dVAE export (kind={meta.get('kind')!r})")
     model = DVAE(DVAEShape(**meta["shape"]))
     model.load_state_dict(load(storage.read_bytes(storage.join(uri, WEIGHTS), options)))
+    return model.to(device).eval()
+
+
+PRIOR_WEIGHTS = "prior.safetensors"
+PRIOR_META = "prior.json"
+PRIOR_KIND = "tessera.prior"
+
+
+def export_prior(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
+    """`prior.safetensors` then `prior.json` (shape, step, config, and the token dataset it was
+    trained on: its tokenizer and dVAE are what sampling needs)."""
+    from safetensors.torch import load_file, save
+
+    from tessera.models.prior import Prior, PriorShape
+    from tessera.training.common import CHECKPOINT_TAG, DATA_MANIFEST_FILE, EMA_FILE, STATE_FILE
+
+    ckpt = Path(checkpoint_dir)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    shape = PriorShape(**state["shape"])
+    if (ckpt / EMA_FILE).exists():
+        weights, source = load_file(str(ckpt / EMA_FILE)), "ema"
+    else:
+        weights, source = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+    Prior(shape).load_state_dict(weights)  # strict: the export is complete or it is not written
+    meta = {"kind": PRIOR_KIND, "format_version": 1, "shape": shape.to_dict(), "step": state["step"],
+            "weights": source, "num_parameters": sum(v.numel() for v in weights.values())}
+    for name, key in (("config.json", "config"), (DATA_MANIFEST_FILE, "tokens")):
+        if (ckpt / name).exists():
+            meta[key] = json.loads((ckpt / name).read_text())
+    storage.write_bytes(storage.join(out_uri, PRIOR_WEIGHTS), save(weights), options)
+    storage.write_json(storage.join(out_uri, PRIOR_META), meta, options)
+    return meta
+
+
+def load_prior(uri: str, *, options: storage.StorageOptions | None = None, device: str = "cpu",
+               attention_impl: str = "auto"):
+    from safetensors.torch import load
+
+    from tessera.models.prior import Prior, PriorShape
+
+    meta = storage.read_json(storage.join(uri, PRIOR_META), options)
+    if meta.get("kind") != PRIOR_KIND:
+        raise ValueError(f"{uri}: {PRIOR_META} is not a tessera prior export (kind={meta.get('kind')!r})")
+    model = Prior(PriorShape(**meta["shape"]), attention_impl=attention_impl)
+    model.load_state_dict(load(storage.read_bytes(storage.join(uri, PRIOR_WEIGHTS), options)))
     return model.to(device).eval()

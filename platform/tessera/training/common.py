@@ -1,0 +1,118 @@
+"""What both training stages' worker loops share: joining the process group, checkpoint folders,
+reporting through Ray Train, and the console's progress line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tessera import storage
+from tessera.parallel import dist
+
+CHECKPOINT_TAG = "ds"
+STATE_FILE = "tessera_state.json"
+EMA_FILE = "ema.safetensors"
+DATA_MANIFEST_FILE = "data_manifest.json"
+
+
+def init_distributed(backend: str) -> None:
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        # One process without a launcher: a group of one on loopback.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(backend, verbose=False)  # reuses Ray Train's group when there is one
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eta_minutes(step: int, total: int, started: float, first_step: int) -> float:
+    return (time.time() - started) / max(step - first_step, 1) * (total - step) / 60
+
+
+def save_checkpoint(engine, hooks, metrics: dict, *, state: dict, config: dict, data_manifest: dict | None,
+                    ema=None, extra_files: dict[str, bytes] | None = None) -> None:
+    """Every rank writes its DeepSpeed shard into one folder; rank 0 adds tessera's own files;
+    then the folder is reported (Ray Train uploads it to the run's storage)."""
+    with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        if dist.is_main():
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+            Path(tmp, "config.json").write_text(json.dumps(config))
+            if data_manifest is not None:
+                Path(tmp, DATA_MANIFEST_FILE).write_text(json.dumps(data_manifest))
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                save_file(ema.state_dict(), str(Path(tmp, EMA_FILE)))
+            for name, data in (extra_files or {}).items():
+                Path(tmp, name).write_bytes(data)
+        hooks.report(metrics, tmp)
+
+
+def load_state(checkpoint_dir: str) -> dict:
+    return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+
+
+def load_ema(ema, checkpoint_dir: str) -> None:
+    if ema is not None and (Path(checkpoint_dir) / EMA_FILE).exists():
+        from safetensors.torch import load_file
+
+        ema.load_state_dict(load_file(str(Path(checkpoint_dir) / EMA_FILE)))
+
+
+class RayTrainIO:
+    """Reports, checkpoints and artifacts through Ray Train and the run's storage."""
+
+    def __init__(self, artifacts_uri: str, options: storage.StorageOptions):
+        import ray.train
+
+        self._train = ray.train
+        self._artifacts_uri, self._options = artifacts_uri, options
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> str | None:
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="tessera-restore-")
+        return ckpt.to_directory(self._restored.name)
+
+    def save_artifact(self, name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(self._artifacts_uri, name), data, self._options)
+
+
+def quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report() of every rank with all its metrics at INFO, which buries
+    the one progress line per report; keep its warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a later Ray moved it: its log stays as it is
+        return
+    getattr(context, "logger", logging.getLogger("ray.train")).setLevel(logging.WARNING)
+
+
+def worker_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_report_log()
