@@ -28,6 +28,7 @@ demo: setup
 	$(PY) jobs/prepare.py $(DEMO)
 	$(PY) jobs/train_dvae.py $(DEMO)
 	$(PY) jobs/encode.py $(DEMO)
+	$(PY) jobs/train_prior.py $(DEMO)
 
 test: setup
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)

@@ -72,3 +72,24 @@ def test_relative_paths_are_pinned_where_the_config_loads(tmp_path, monkeypatch)
     assert cfg.data_uri == str(tmp_path / "runs" / "demo" / "data")
     assert cfg.encode_dvae_uri == str(tmp_path / "exports" / "d")
     assert cfg.dvae.output_uri == "file:///x"
+
+
+def test_prior_precision_choices_are_checked_at_load():
+    cfg = load_config("debug")
+    assert cfg.prior.zero_stage == 3 and cfg.prior.precision == "auto" and cfg.prior.resblock_grad_scaling is None
+    with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
+        load_config("debug", ["prior.precision=fp16"])
+    assert load_config("debug", ["prior.precision=fp16", "prior.use_gpu=true"]).prior.precision == "fp16"
+    with pytest.raises(ConfigError, match="bf16 needs no loss scaling"):
+        load_config("debug", ["prior.precision=bf16", "prior.resblock_grad_scaling=true"])
+    assert load_config("debug", ["prior.precision=fp32", "prior.resblock_grad_scaling=true"]).prior.resblock_grad_scaling
+    with pytest.raises(ConfigError, match="prior.caption_dropout"):
+        load_config("debug", ["prior.caption_dropout=1.5"])
+
+
+def test_prior_paths_default_under_the_run_root(tmp_path):
+    cfg = load_config("debug", [f"run.root_uri={tmp_path}"])
+    assert cfg.prior_tokens_uri == cfg.tokens_uri == f"{tmp_path}/tokens"
+    assert cfg.prior_uri == f"{tmp_path}/prior"
+    other = load_config("debug", [f"run.root_uri={tmp_path}", "prior.tokens_uri=s3://b/t"])
+    assert other.prior_tokens_uri == "s3://b/t"

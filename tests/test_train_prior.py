@@ -244,5 +244,5 @@ def test_train_prior_job_streams_token_shards_from_s3_and_exports(ray_cluster, s
     grid = Path(cfg.prior_uri) / "samples" / "step-0000004.png"
     from PIL import Image
 
-    with Image.open(grid) as im:  # 2 captions × 2 samples of 32 px, upscaled 4×, with caption strips
-        assert im.size == (2 * 128, 2 * (128 + 12))
+    with Image.open(grid) as im:  # 2 captions: the reference and 2 samples of 32 px, 4× upscaled; text strips
+        assert im.size == (3 * (128 + 2) + 2, 2 * (128 + 12 + 2))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def announce(line: str) -> None:
+    """A progress line on the console. Written to stdout, not logged or print()ed: Ray Train sends
+    its workers' logging to per-worker files and re-logs print() (which shows it twice), while the
+    worker's stdout itself reaches the driver's console once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def eta_minutes(step: int, total: int, started: float, first_step: int) -> float:

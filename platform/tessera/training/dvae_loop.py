@@ -29,6 +29,7 @@ from tessera.training import schedules
 from tessera.training.common import (
     CHECKPOINT_TAG,
     RayTrainIO,
+    announce,
     eta_minutes,
     init_distributed,
     load_ema,
@@ -209,7 +210,7 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
                     last |= evaluate(_ema_model(ema, shape, device) if ema else engine.module, val, shape,
                                      step=step, hooks=hooks)
                 if dist.is_main():
-                    log.info("%s", progress_line(last, t.steps, started, first_step))
+                    announce(progress_line(last, t.steps, started, first_step))
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
                 tick, samples = time.time(), 0
                 if save:

@@ -36,6 +36,7 @@ from tessera.training import schedules
 from tessera.training.common import (
     CHECKPOINT_TAG,
     RayTrainIO,
+    announce,
     eta_minutes,
     init_distributed,
     load_ema,
@@ -106,7 +107,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def t(x):
-        return (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(device)
+        return (torch.tensor(x) if isinstance(x, np.ndarray) else x).to(device)
 
     return t(batch["text_ids"]).long(), t(batch["text_mask"]).bool(), t(batch["image_tokens"]).long()
 
@@ -137,24 +138,29 @@ def validation_losses(model: Prior, rows: dict, *, batch: int, device, precision
     return out
 
 
-def sample_grid_png(images: torch.Tensor, captions: list[str], *, per_caption: int, scale: int = 4) -> bytes:
-    """PNG: one row per caption (its text above), `per_caption` samples in it. images (N, 3, S, S)."""
+def sample_grid_png(images: torch.Tensor, captions: list[str], *, per_caption: int,
+                    references: torch.Tensor | None = None, scale: int = 4, gap: int = 2) -> bytes:
+    """PNG: one row per caption (its text above): the reference image first when given (the
+    validation image as its tokens decode), then `per_caption` samples. Images (N, 3, S, S)."""
     from PIL import Image, ImageDraw
 
-    n, _, size, _ = images.shape
-    side = size * scale
-    label = 12
-    rows = len(captions)
-    width = max(per_caption * side, 8)
-    canvas = Image.new("RGB", (width, rows * (side + label)), (255, 255, 255))
+    size = images.shape[-1]
+    side, label = size * scale, 12
+    cols = per_caption + (references is not None)
+    width = cols * (side + gap) + gap  # a wider gap after the reference column
+    canvas = Image.new("RGB", (width, len(captions) * (side + label + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+
+    def tile(img: torch.Tensor) -> Image.Image:
+        arr = (img.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(arr).resize((side, side), Image.NEAREST)
+
     for r, caption in enumerate(captions):
-        y = r * (side + label)
+        y = r * (side + label + gap)
         draw.text((2, y), caption[: max(1, width // 6)], fill=(0, 0, 0))
-        for c in range(per_caption):
-            arr = (images[r * per_caption + c].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-            tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
-            canvas.paste(tile, (c * side, y + label))
+        row = ([references[r]] if references is not None else []) + [images[r * per_caption + c] for c in range(per_caption)]
+        for c, img in enumerate(row):
+            canvas.paste(tile(img), (c * (side + gap) + (gap if c and references is not None else 0), y + label))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
@@ -183,7 +189,10 @@ def write_sample_grid(model: Prior, rows: dict, hooks: Hooks, *, step: int, cfg:
         decode = hooks.image_decoder()
         if decode is not None:
             images = decode(tokens.cpu())
-            png = sample_grid_png(images, [str(c) for c in rows["caption"][:k]], per_caption=p.grid_samples)
+            g = model.shape.grid
+            refs = decode(torch.as_tensor(np.array(rows["image_tokens"][:k], dtype=np.int64)).view(k, g, g))
+            png = sample_grid_png(images, [str(c) for c in rows["caption"][:k]], per_caption=p.grid_samples,
+                                  references=refs)
             hooks.save_artifact(f"samples/step-{step:07d}.png", png)
 
 
@@ -305,7 +314,7 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                     last |= validation_losses(eval_model, rows, batch=p.micro_batch, device=device, precision=precision)
                     write_sample_grid(eval_model, rows, hooks, step=step, cfg=cfg, device=device, precision=precision)
                 if dist.is_main():
-                    log.info("%s", progress_line(last, p.steps, started, first_step))
+                    announce(progress_line(last, p.steps, started, first_step))
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
                 tick, sequences = time.time(), 0
                 if save:
