@@ -7,28 +7,21 @@ isolates what resume must restore: step count, weights and optimizer state."""
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from train_harness import StepKeyedHooksBase
+from train_harness import fit as harness_fit
 
 from tessera.config import load_config
 
 pytestmark = pytest.mark.integration
 
 
-class StepKeyedHooks:
-    """Batch for step i is the same in every run; rank 0 appends each report to a file."""
-
-    def __init__(self, config: dict):
-        import ray.train
-
-        self._train = ray.train
-        self.cfg = config["cfg"]
-        self.log = Path(config["log"])
-        self.interrupt = config.get("interrupt")  # {"at": step, "how": "raise" | "exit", "flag": path}
+class StepKeyedHooks(StepKeyedHooksBase):
+    """Batch for step i: shapes renders keyed by (step, rank)."""
 
     def batches(self, epoch: int):
         import numpy as np
@@ -40,28 +33,13 @@ class StepKeyedHooks:
 
         step = epoch
         while True:
-            it = self.interrupt
-            if it and step == it["at"] and not Path(it["flag"]).exists() and dist.rank() == 1:
-                Path(it["flag"]).write_text("done")
-                if it["how"] == "exit":
-                    os._exit(1)  # the process dies, as on a lost node
-                raise RuntimeError("interrupted on purpose")
+            self.maybe_interrupt(step)
             mb = self.cfg.dvae.micro_batch
             first = (step * dist.world_size() + dist.rank()) * mb
             images = [np.asarray(Image.open(io.BytesIO(render_sample(first + j, seed=1, image_size=32).image_png)))
                       for j in range(mb)]
             yield {"image": torch.from_numpy(np.stack(images))}
             step += 1
-
-    def report(self, metrics, checkpoint_dir):
-        from ray.train import Checkpoint
-
-        from tessera.parallel import dist
-
-        if dist.is_main():
-            with self.log.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        self._train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def validation_images(self):
         import numpy as np
@@ -73,22 +51,8 @@ class StepKeyedHooks:
         return torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(render_sample(10_000 + j, seed=2, image_size=32).image_png)))
                                           for j in range(8)]))
 
-    def save_artifact(self, name, data):
-        target = self.log.parent / "artifacts" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
     def data_manifest(self):
         return {"kind": "step-keyed renders", "seed": 1}
-
-    def latest_checkpoint(self):
-        import tempfile
-
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._keep = tempfile.TemporaryDirectory()
-        return ckpt.to_directory(self._keep.name)
 
 
 def step_keyed_loop(config: dict) -> None:
@@ -97,18 +61,8 @@ def step_keyed_loop(config: dict) -> None:
     train_dvae(config["cfg"], StepKeyedHooks(config))
 
 
-def fit(cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failures=0):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        step_keyed_loop,
-        train_loop_config={"cfg": cfg, "log": str(log), "interrupt": interrupt},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    return trainer.fit()
+def fit(cfg, tmp_path, name: str, log: Path, **kwargs):
+    return harness_fit(step_keyed_loop, cfg, tmp_path, name, log, **kwargs)
 
 
 def losses(log: Path) -> dict[int, float]:

@@ -8,11 +8,12 @@ Batches come from a deterministic stream keyed by step: the image tokens are a f
 caption's first id, so a model that reads its caption can learn them."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from train_harness import StepKeyedHooksBase
+from train_harness import fit as harness_fit
 
 from tessera.config import load_config
 
@@ -33,42 +34,19 @@ def synthetic_rows(first: int, n: int, *, text_len: int = 6) -> dict:
             "caption": np.array([f"caption {i}" for i in range(first, first + n)], dtype=object)}
 
 
-class StepKeyedHooks:
-    """Batch for step i is the same in every run; rank 0 appends each report to a file."""
-
-    def __init__(self, config: dict):
-        import ray.train
-
-        self._train = ray.train
-        self.cfg = config["cfg"]
-        self.log = Path(config["log"])
-        self.interrupt = config.get("interrupt")  # {"at": step, "how": "raise" | "exit", "flag": path}
+class StepKeyedHooks(StepKeyedHooksBase):
+    """Batch for step i: synthetic token rows keyed by (step, rank)."""
 
     def batches(self, epoch: int):
         from tessera.parallel import dist
 
         step = epoch
         while True:
-            it = self.interrupt
-            if it and step == it["at"] and not Path(it["flag"]).exists() and dist.rank() == 1:
-                Path(it["flag"]).write_text("done")
-                if it["how"] == "exit":
-                    os._exit(1)  # the process dies, as on a lost node
-                raise RuntimeError("interrupted on purpose")
+            self.maybe_interrupt(step)
             mb = self.cfg.prior.micro_batch
             rows = synthetic_rows((step * 2 + dist.rank()) * 1000, mb, text_len=self.cfg.loader.text_len)
             yield {k: rows[k] for k in ("text_ids", "text_mask", "image_tokens")}
             step += 1
-
-    def report(self, metrics, checkpoint_dir):
-        from ray.train import Checkpoint
-
-        from tessera.parallel import dist
-
-        if dist.is_main():
-            with self.log.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        self._train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def token_manifest(self):
         return MANIFEST
@@ -80,20 +58,6 @@ class StepKeyedHooks:
         # This synthetic data has no dVAE: each token is drawn as a grey level.
         return lambda tokens: (tokens.float() / MANIFEST["num_image_tokens"])[:, None].expand(-1, 3, -1, -1)
 
-    def save_artifact(self, name, data):
-        target = self.log.parent / "artifacts" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-    def latest_checkpoint(self):
-        import tempfile
-
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._keep = tempfile.TemporaryDirectory()
-        return ckpt.to_directory(self._keep.name)
-
 
 def step_keyed_loop(config: dict) -> None:
     from tessera.training.prior_loop import train_prior
@@ -101,18 +65,8 @@ def step_keyed_loop(config: dict) -> None:
     train_prior(config["cfg"], StepKeyedHooks(config))
 
 
-def fit(cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failures=0):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        step_keyed_loop,
-        train_loop_config={"cfg": cfg, "log": str(log), "interrupt": interrupt},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    return trainer.fit()
+def fit(cfg, tmp_path, name: str, log: Path, **kwargs):
+    return harness_fit(step_keyed_loop, cfg, tmp_path, name, log, **kwargs)
 
 
 def reports(log: Path) -> list[dict]:

@@ -125,3 +125,32 @@ def quiet_report_log() -> None:
 def worker_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_report_log()
+
+
+def fit_stage(loop, cfg, stage, *, output_uri: str, suffix: str, dataset, export):
+    """Run one training stage's TorchTrainer: `stage` is its config section (workers, CPUs, GPU,
+    max_failures); the run lives at {output_uri}/{run.name}-{suffix}, so the same name and storage
+    resume it; `export(checkpoint_dir, export_uri, options=...)` consolidates the last checkpoint
+    into {output_uri}/export."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tessera.data.pipeline import train_data_config
+
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    fs, path = storage.resolve(output_uri, opts)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,
+                                     resources_per_worker={"CPU": stage.cpus_per_worker}),
+        datasets={"train": dataset},
+        dataset_config=train_data_config(cfg),
+        run_config=RunConfig(name=f"{cfg.run.name}-{suffix}", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=stage.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            export(ckpt_dir, storage.join(output_uri, "export"), options=opts)
+    return result
