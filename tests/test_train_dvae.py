@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_harness import StepKeyedHooksBase
+from train_harness import StepKeyedHooksBase, losses
 from train_harness import fit as harness_fit
 
 from tessera.config import load_config
@@ -63,10 +63,6 @@ def step_keyed_loop(config: dict) -> None:
 
 def fit(cfg, tmp_path, name: str, log: Path, **kwargs):
     return harness_fit(step_keyed_loop, cfg, tmp_path, name, log, **kwargs)
-
-
-def losses(log: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in map(json.loads, log.read_text().splitlines())}
 
 
 def small_cfg(*extra):

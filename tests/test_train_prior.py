@@ -7,12 +7,11 @@ ZeRO-3 when a block's gradient overflows.
 Batches come from a deterministic stream keyed by step: the image tokens are a function of the
 caption's first id, so a model that reads its caption can learn them."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from train_harness import StepKeyedHooksBase
+from train_harness import StepKeyedHooksBase, losses, reports
 from train_harness import fit as harness_fit
 
 from tessera.config import load_config
@@ -67,14 +66,6 @@ def step_keyed_loop(config: dict) -> None:
 
 def fit(cfg, tmp_path, name: str, log: Path, **kwargs):
     return harness_fit(step_keyed_loop, cfg, tmp_path, name, log, **kwargs)
-
-
-def reports(log: Path) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def losses(log: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in reports(log)}
 
 
 TINY = ["prior.dim=32", "prior.depth=2", "prior.heads=4", "loader.text_len=6", "prior.micro_batch=4",

@@ -65,3 +65,12 @@ def fit(loop, cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failur
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
+
+
+def reports(log: Path) -> list[dict]:
+    """Every report rank 0 wrote, in order."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def losses(log: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in reports(log)}

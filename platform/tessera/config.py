@@ -141,17 +141,31 @@ class LoaderConfig(Section):
     prefetch_batches: int = Field(2, ge=0)
 
 
-class DVAETrainConfig(Section):
+class StageTrainConfig(Section):
+    """What every training stage sets the same way: length, batch, schedule, reporting, workers."""
+
+    steps: int = Field(3_000, ge=1)
+    micro_batch: int = Field(32, ge=1)  # per worker
+    grad_accum: int = Field(1, ge=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    report_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=-1)  # -1: retry forever
+    seed: int = 0
+
+
+class DVAETrainConfig(StageTrainConfig):
     """Stage 1: the dVAE and how it is trained (paper §A.2 defaults where they apply)."""
 
     size: Literal["debug", "small", "paper"] = "debug"
     num_tokens: int | None = Field(None, ge=2)  # override the size's codebook K
-    steps: int = Field(3_000, ge=1)
-    micro_batch: int = Field(32, ge=1)  # per worker
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -163,22 +177,13 @@ class DVAETrainConfig(Section):
     # Weight of KL(batch-mean posterior || uniform): keeps a short run from using few codes.
     usage_weight: float = Field(0.1, ge=0)
     recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
-    ema_decay: float | None = Field(None, gt=0, lt=1)
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    report_every: int = Field(50, ge=1)
-    eval_every: int = Field(500, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0)
-    use_gpu: bool = False
-    max_failures: int = Field(1, ge=-1)  # -1: retry forever
-    seed: int = 0
     # None: {run.root_uri}/dvae
     output_uri: Uri | None = None
 
 
-class PriorTrainConfig(Section):
+class PriorTrainConfig(StageTrainConfig):
     """Stage 2: the transformer prior and how it is trained (paper §B.2 defaults where they apply).
 
     The shape's vocabularies and grid come from the token dataset's manifest and its caption
@@ -194,13 +199,8 @@ class PriorTrainConfig(Section):
     normformer: bool | None = None
     # 'auto': FlexAttention (block-sparse) on CUDA, the dense reference path elsewhere.
     attention_impl: Literal["auto", "dense", "flex"] = "auto"
-    steps: int = Field(3_000, ge=1)
-    micro_batch: int = Field(32, ge=1)  # sequences per worker per micro-step
-    grad_accum: int = Field(1, ge=1)
     # Paper: AdamW, lr 4.5e-4, β = (0.9, 0.96), ε = 1e-8, decay 4.5e-2, gradient norm clipped at 4.
     lr: float = Field(4.5e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(4.5e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.96)
     eps: float = Field(1e-8, gt=0)
@@ -211,7 +211,6 @@ class PriorTrainConfig(Section):
     # Each caption is replaced by the all-padding caption with this probability, so the model
     # also learns p(image) (classifier-free guidance at sampling time; the validation baseline).
     caption_dropout: float = Field(0.1, ge=0, le=1)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
     zero_stage: int = Field(3, ge=0, le=3)
     # 'auto': bf16 autocast where the device computes in bf16 natively (CUDA), else fp32.
     # 'fp16': fp16 autocast with the paper's per-resblock gradient scaling (CUDA only).
@@ -219,9 +218,6 @@ class PriorTrainConfig(Section):
     # Per-resblock gradient scaling; None: on exactly when precision is fp16 (true in fp32
     # exercises the scaler's machinery at no numerical risk).
     resblock_grad_scaling: bool | None = None
-    report_every: int = Field(50, ge=1)
-    eval_every: int = Field(500, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
     # Validation: image loss with and without captions over the first `val_samples` val rows;
     # a sample grid for the first `grid_captions` val captions, `grid_samples` images each.
     val_samples: int = Field(256, ge=1)
@@ -229,11 +225,6 @@ class PriorTrainConfig(Section):
     grid_samples: int = Field(4, ge=1)
     grid_temperature: float = Field(1.0, ge=0)
     grid_top_k: int | None = Field(None, ge=1)
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0)
-    use_gpu: bool = False
-    max_failures: int = Field(1, ge=-1)  # -1: retry forever
-    seed: int = 0
     # None: {run.root_uri}/tokens (what jobs/encode.py writes)
     tokens_uri: Uri | None = None
     # None: {run.root_uri}/prior

@@ -23,6 +23,14 @@ EMA_FILE = "ema.safetensors"
 DATA_MANIFEST_FILE = "data_manifest.json"
 
 
+def join_process_group(use_gpu: bool) -> None:
+    """Join the workers' process group: NCCL on GPUs, else gloo with DeepSpeed's CPU accelerator."""
+    use_cuda = use_gpu and torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    init_distributed("nccl" if use_cuda else "gloo")
+
+
 def init_distributed(backend: str) -> None:
     import deepspeed
 
@@ -86,14 +94,24 @@ def load_ema(ema, checkpoint_dir: str) -> None:
 
 
 class RayTrainIO:
-    """Reports, checkpoints and artifacts through Ray Train and the run's storage."""
+    """Batches from the worker's Ray Data shard; reports, checkpoints and artifacts through Ray
+    Train and the run's storage."""
 
-    def __init__(self, artifacts_uri: str, options: storage.StorageOptions):
+    def __init__(self, cfg, *, artifacts_uri: str, micro_batch: int):
         import ray.train
 
         self._train = ray.train
-        self._artifacts_uri, self._options = artifacts_uri, options
+        self.cfg = cfg
+        self.options = storage.StorageOptions.from_config(cfg.storage)
+        self._artifacts_uri = artifacts_uri
         self._restored: tempfile.TemporaryDirectory | None = None
+        self.shard = ray.train.get_dataset_shard("train")
+        self.loader = cfg.loader.model_copy(update={"batch_size": micro_batch})
+
+    def batches(self, epoch: int):
+        from tessera.data.pipeline import iter_training_batches
+
+        return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         from ray.train import Checkpoint
@@ -109,7 +127,7 @@ class RayTrainIO:
         return ckpt.to_directory(self._restored.name)
 
     def save_artifact(self, name: str, data: bytes) -> None:
-        storage.write_bytes(storage.join(self._artifacts_uri, name), data, self._options)
+        storage.write_bytes(storage.join(self._artifacts_uri, name), data, self.options)
 
 
 def quiet_report_log() -> None:

@@ -12,7 +12,6 @@ come from and where reports/checkpoints go, so the same loop runs under Ray Trai
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,7 +30,7 @@ from tessera.training.common import (
     RayTrainIO,
     announce,
     eta_minutes,
-    init_distributed,
+    join_process_group,
     load_ema,
     load_state,
     save_checkpoint,
@@ -131,12 +130,9 @@ def to_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
 def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
     """Train to cfg.dvae.steps (resuming from the latest checkpoint); returns the last metrics."""
     t = cfg.dvae
-    use_cuda = t.use_gpu and torch.cuda.is_available()
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    join_process_group(t.use_gpu)
     import deepspeed
 
-    init_distributed("nccl" if use_cuda else "gloo")
     torch.manual_seed(t.seed)
     shape = dvae_shape(cfg)
     model = DVAE(shape)
@@ -223,22 +219,10 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
 
 
 class RayTrainHooks(RayTrainIO):
-    """Batches from the worker's Ray Data shard; reports and checkpoints through Ray Train."""
+    """Stage 1's hooks under Ray Train: validation images and the manifest of the prepared data."""
 
     def __init__(self, cfg: TesseraConfig):
-        import ray.train
-
-        from tessera import storage
-
-        super().__init__(cfg.dvae_uri, storage.StorageOptions.from_config(cfg.storage))
-        self.shard = ray.train.get_dataset_shard("train")
-        self.loader = cfg.loader.model_copy(update={"batch_size": cfg.dvae.micro_batch})
-        self.cfg = cfg
-
-    def batches(self, epoch: int) -> Iterator[dict]:
-        from tessera.data.pipeline import iter_training_batches
-
-        return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
+        super().__init__(cfg, artifacts_uri=cfg.dvae_uri, micro_batch=cfg.dvae.micro_batch)
 
     def validation_images(self) -> torch.Tensor | None:
         return load_validation_images(self.cfg, limit=VALIDATION_IMAGES)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -38,7 +37,7 @@ from tessera.training.common import (
     RayTrainIO,
     announce,
     eta_minutes,
-    init_distributed,
+    join_process_group,
     load_ema,
     load_state,
     save_checkpoint,
@@ -217,14 +216,11 @@ def _ema_prior(ema: ParameterEMA, shape: PriorShape, impl: str, device) -> Prior
 def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
     """Train to cfg.prior.steps (resuming from the latest checkpoint); returns the last metrics."""
     p = cfg.prior
-    use_cuda = p.use_gpu and torch.cuda.is_available()
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    join_process_group(p.use_gpu)
     import deepspeed
 
     from tessera.training.grad_scaler import ResblockGradScaler, SkippableAdamW
 
-    init_distributed("nccl" if use_cuda else "gloo")
     manifest = hooks.token_manifest()
     shape = prior_shape(cfg, manifest)
     torch.manual_seed(p.seed)
@@ -338,25 +334,12 @@ def _finite_or_none(x) -> float | None:
 
 
 class RayTrainHooks(RayTrainIO):
-    """Batches from the worker's Ray Data shard of token rows; reports and checkpoints through Ray Train."""
+    """Stage 2's hooks under Ray Train: the token manifest, validation rows and the dVAE decoder."""
 
     def __init__(self, cfg: TesseraConfig):
-        import ray.train
-
-        from tessera import storage
-
-        self.options = storage.StorageOptions.from_config(cfg.storage)
-        super().__init__(cfg.prior_uri, self.options)
-        self.shard = ray.train.get_dataset_shard("train")
-        self.loader = cfg.loader.model_copy(update={"batch_size": cfg.prior.micro_batch})
-        self.cfg = cfg
+        super().__init__(cfg, artifacts_uri=cfg.prior_uri, micro_batch=cfg.prior.micro_batch)
         self._manifest: dict | None = None
         self._decoder = None
-
-    def batches(self, epoch: int) -> Iterator[dict]:
-        from tessera.data.pipeline import iter_training_batches
-
-        return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
 
     def token_manifest(self) -> dict:
         from tessera.data.encode import load_token_manifest
