@@ -1,6 +1,6 @@
 """What the stage tests share: hooks whose batch for step i is the same in every run, which can
 kill or fail a worker on purpose, and write every report to a file (Ray Train V2 keeps metrics
-only with checkpoints); and a 2-worker TorchTrainer around a loop."""
+only with checkpoints); and a TorchTrainer of 2 (or more) workers around a loop."""
 
 from __future__ import annotations
 
@@ -53,14 +53,15 @@ class StepKeyedHooksBase:
         return ckpt.to_directory(self._keep.name)
 
 
-def fit(loop, cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failures=0):
+def fit(loop, cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failures=0, num_workers=2):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg, "log": str(log), "interrupt": interrupt},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": 1.0 / num_workers}),
         run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -155,6 +155,9 @@ class StageTrainConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
+    # How Ray places the workers: PACK fills a node first (a cluster's multi-GPU nodes); SPREAD
+    # puts them on as many nodes as it can.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False
     max_failures: int = Field(1, ge=-1)  # -1: retry forever
     seed: int = 0
@@ -181,6 +184,37 @@ class DVAETrainConfig(StageTrainConfig):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # None: {run.root_uri}/dvae
     output_uri: Uri | None = None
+
+
+class PowerSGDConfig(Section):
+    # Rank of the factors (P: rows × rank, Q: cols × rank) for each weight-matrix shard.
+    rank: int = Field(4, ge=1)
+    # Q from the previous step (one power iteration per step) or a fresh shared random Q.
+    warm_start: bool = True
+    error_feedback: bool = True
+    seed: int = 0
+
+
+class ZeroPPConfig(Section):
+    # Secondary weight partition within each node (hpZ): backward all-gathers stay in the node.
+    hierarchical_partitioning: bool = True
+    # qwZ / qgZ: DeepSpeed's quantizer kernels are CUDA-only, so these need use_gpu.
+    quantized_weights: bool = False
+    quantized_gradients: bool = False
+
+
+class GradCommConfig(Section):
+    """How gradients travel between nodes (tessera.training.grad_comm)."""
+
+    method: Literal["none", "powersgd", "zeropp"] = "none"
+    # Workers per node; None: detected from each worker's Ray node (consecutive ranks per node
+    # when declared, which is how a one-machine run is split into "nodes").
+    ranks_per_node: int | None = Field(None, ge=1)
+    # Every this many steps, check that every worker holds bit-identical parameters (a gather
+    # of the whole model; reported as replicas_identical). 0: never.
+    verify_every: int = Field(0, ge=0)
+    powersgd: PowerSGDConfig = Field(default_factory=PowerSGDConfig)
+    zeropp: ZeroPPConfig = Field(default_factory=ZeroPPConfig)
 
 
 class PriorTrainConfig(StageTrainConfig):
@@ -225,6 +259,7 @@ class PriorTrainConfig(StageTrainConfig):
     grid_samples: int = Field(4, ge=1)
     grid_temperature: float = Field(1.0, ge=0)
     grid_top_k: int | None = Field(None, ge=1)
+    grad_comm: GradCommConfig = Field(default_factory=GradCommConfig)
     # None: {run.root_uri}/tokens (what jobs/encode.py writes)
     tokens_uri: Uri | None = None
     # None: {run.root_uri}/prior
@@ -237,6 +272,15 @@ class PriorTrainConfig(StageTrainConfig):
                              "bf16 needs no loss scaling")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision: fp16 needs use_gpu: true (fp16 autocast runs on CUDA; use bf16 or fp32 on CPU)")
+        gc = self.grad_comm
+        if gc.method in ("powersgd", "zeropp") and self.zero_stage != 3:
+            raise ValueError(f"grad_comm.method: {gc.method} works with ZeRO-3 (zero_stage: 3), got zero_stage: {self.zero_stage}")
+        if gc.ranks_per_node is not None and self.num_workers % gc.ranks_per_node:
+            raise ValueError(f"grad_comm.ranks_per_node: {gc.ranks_per_node} does not divide num_workers: {self.num_workers}")
+        quantized = [k for k in ("quantized_weights", "quantized_gradients") if getattr(gc.zeropp, k)]
+        if gc.method == "zeropp" and quantized and not self.use_gpu:
+            raise ValueError(f"grad_comm.zeropp.{quantized[0]} needs use_gpu: true (DeepSpeed's ZeRO++ quantization "
+                             "kernels are CUDA-only); set it to false to run hierarchical partitioning alone on CPU")
         if self.text_weight + self.image_weight <= 0:
             raise ValueError("text_weight + image_weight must be > 0")
         return self

@@ -16,6 +16,8 @@ def build_deepspeed_config(
     precision: Precision = "fp32",
     grad_clip: float | None = 1.0,
     hpz_partition_size: int | None = None,
+    quantized_weights: bool = False,
+    quantized_gradients: bool = False,
     log_every: int = 1_000_000,
 ) -> dict:
     """Global batch = micro × accumulation × world, as DeepSpeed checks at initialize.
@@ -51,4 +53,11 @@ def build_deepspeed_config(
         if world_size % hpz_partition_size:
             raise ValueError(f"world_size {world_size} is not a multiple of hpz_partition_size {hpz_partition_size}")
         cfg["zero_optimization"]["zero_hpz_partition_size"] = hpz_partition_size
+    if quantized_weights or quantized_gradients:
+        # ZeRO++ qwZ (int8 weight all-gather) / qgZ (int4 all-to-all gradient reduction; DeepSpeed
+        # offers no error feedback for it). Both need DeepSpeed's CUDA quantizer kernels.
+        if zero_stage != 3:
+            raise ValueError("quantized weights/gradients (ZeRO++) need zero_stage 3")
+        cfg["zero_optimization"]["zero_quantized_weights"] = bool(quantized_weights)
+        cfg["zero_optimization"]["zero_quantized_gradients"] = bool(quantized_gradients)
     return cfg

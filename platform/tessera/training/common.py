@@ -63,11 +63,15 @@ def eta_minutes(step: int, total: int, started: float, first_step: int) -> float
 
 
 def save_checkpoint(engine, hooks, metrics: dict, *, state: dict, config: dict, data_manifest: dict | None,
-                    ema=None, extra_files: dict[str, bytes] | None = None) -> None:
-    """Every rank writes its DeepSpeed shard into one folder; rank 0 adds tessera's own files;
-    then the folder is reported (Ray Train uploads it to the run's storage)."""
+                    ema=None, extra_files: dict[str, bytes] | None = None,
+                    rank_files: dict[str, bytes] | None = None) -> None:
+    """Every rank writes its DeepSpeed shard (and its `rank_files`, named per rank) into one
+    folder; rank 0 adds tessera's own files; then the folder is reported (Ray Train uploads it to
+    the run's storage)."""
     with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        for name, data in (rank_files or {}).items():
+            Path(tmp, name).write_bytes(data)
         if dist.is_main():
             Path(tmp, STATE_FILE).write_text(json.dumps(state))
             Path(tmp, "config.json").write_text(json.dumps(config))
@@ -161,7 +165,8 @@ def fit_stage(loop, cfg, stage, *, output_uri: str, suffix: str, dataset, export
         loop,
         train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,
-                                     resources_per_worker={"CPU": stage.cpus_per_worker}),
+                                     resources_per_worker={"CPU": stage.cpus_per_worker},
+                                     placement_strategy=stage.placement_strategy),
         datasets={"train": dataset},
         dataset_config=train_data_config(cfg),
         run_config=RunConfig(name=f"{cfg.run.name}-{suffix}", storage_path=path, storage_filesystem=fs,

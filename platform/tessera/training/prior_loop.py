@@ -219,7 +219,10 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
     join_process_group(p.use_gpu)
     import deepspeed
 
+    from tessera.training.grad_comm import GradComm
     from tessera.training.grad_scaler import ResblockGradScaler, SkippableAdamW
+
+    comm = GradComm(p.grad_comm, zero_stage=p.zero_stage, use_gpu=p.use_gpu)
 
     manifest = hooks.token_manifest()
     shape = prior_shape(cfg, manifest)
@@ -231,8 +234,10 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
     adamw = SkippableAdamW(_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas, eps=p.eps)
     ds_config = build_deepspeed_config(micro_batch=p.micro_batch, grad_accum=p.grad_accum,
                                        world_size=dist.world_size(), zero_stage=p.zero_stage, precision="fp32",
-                                       grad_clip=p.grad_clip)
+                                       grad_clip=p.grad_clip, **comm.deepspeed_keys())
+    model = comm.partition(model, ds_config)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config)
+    comm.attach(engine)
     device = engine.device
     precision = resolve_precision(p.precision, device)
     ema = ParameterEMA(engine.module, p.ema_decay, zero_stage=p.zero_stage) if p.ema_decay else None
@@ -244,6 +249,7 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
         state = load_state(resume)
         step = state["step"]
         load_ema(ema, resume)
+        comm.load_from(resume)
         if scaler is not None and SCALER_KEY in state:
             scaler.load_state_dict(state[SCALER_KEY])
         log.info("resumed from step %d", step)
@@ -280,6 +286,8 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                 skip = scaler.update(flags.bool())
                 adamw.skip_next = skip
+            if boundary:
+                comm.reduce(skip=skip)
             engine.step()
             micro += 1
             with torch.no_grad():
@@ -293,6 +301,8 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
             step += 1
             if ema is not None and not skip:
                 ema.update(engine.module)
+            if p.grad_comm.verify_every and step % p.grad_comm.verify_every == 0:
+                comm.verify(engine)
             save = step % p.checkpoint_every == 0 or step == p.steps
             if step % p.report_every == 0 or save:
                 n = max(1, window["n"])
@@ -305,10 +315,14 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                         "skipped_updates": (scaler.skipped if scaler is not None else 0)}
                 if scaler is not None:
                     last |= scaler.stats()
+                last |= comm.metrics()
                 if rows is not None and (step % p.eval_every == 0 or step == p.steps):
-                    eval_model = _ema_prior(ema, shape, p.attention_impl, device) if ema else engine.module
-                    last |= validation_losses(eval_model, rows, batch=p.micro_batch, device=device, precision=precision)
-                    write_sample_grid(eval_model, rows, hooks, step=step, cfg=cfg, device=device, precision=precision)
+                    with comm.uncounted():  # evaluation's parameter gathers are not training traffic
+                        eval_model = _ema_prior(ema, shape, p.attention_impl, device) if ema else engine.module
+                        last |= validation_losses(eval_model, rows, batch=p.micro_batch, device=device,
+                                                  precision=precision)
+                        write_sample_grid(eval_model, rows, hooks, step=step, cfg=cfg, device=device,
+                                          precision=precision)
                 if dist.is_main():
                     announce(progress_line(last, p.steps, started, first_step))
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
@@ -319,10 +333,12 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                         state[SCALER_KEY] = {k: v.tolist() if torch.is_tensor(v) else v
                                              for k, v in scaler.state_dict().items()}
                     save_checkpoint(engine, hooks, last, state=state, config=cfg.model_dump(mode="json"),
-                                    data_manifest=manifest if dist.is_main() else None, ema=ema)
+                                    data_manifest=manifest if dist.is_main() else None, ema=ema,
+                                    rank_files=comm.checkpoint_files())
                 else:
                     hooks.report(last, None)
         epoch += 1
+    comm.close()
     return last
 
 

@@ -1,0 +1,242 @@
+"""Gradient communication between nodes, as configured (`prior.grad_comm`), on one rank.
+
+    none      DeepSpeed's ZeRO as configured: parameters sharded over every rank, gradients
+              reduce-scattered over every rank, uncompressed.
+    powersgd  the paper's scheme on ZeRO-3: parameters sharded within each node only
+              (`deepspeed.zero.Init(module=…, data_parallel_group=<node group>)`), so ZeRO-3's own
+              reduce-scatter averages gradients inside the node, uncompressed; then, at each
+              accumulation boundary, each rank's gradient partition is averaged with the ranks
+              holding the same partition on the other nodes by PowerSGD with error feedback
+              (`deepspeed.utils.safe_get_local_grad` / `safe_set_local_grad` read and write the
+              partition; DeepSpeed then clips and steps as usual). Linear weights are compressed;
+              embeddings, gains and biases travel uncompressed in the same all-reduce.
+    zeropp    DeepSpeed ZeRO++: hierarchical partitioning with the secondary group = a node
+              (`zero_hpz_partition_size`), and quantized weights / gradients where the hardware
+              has DeepSpeed's CUDA kernels (refused at config load otherwise).
+
+Every setting books the bytes that cross node boundaries (tessera.parallel.comm_ledger) and
+reports them per optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tessera.parallel import dist
+from tessera.parallel.comm_ledger import CommLedger
+from tessera.parallel.powersgd import PowerSGD, TensorSpec, matrix_view
+from tessera.parallel.topology import NodeLayout, make_process_groups
+
+log = logging.getLogger("tessera.grad_comm")
+
+
+def this_node_id() -> str:
+    """Ray's node id inside a Ray worker, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
+def node_layout(ranks_per_node: int | None) -> NodeLayout:
+    """Declared (`ranks_per_node`: consecutive ranks share a node), or detected from every rank's
+    node id. A collective when detected: call it on every rank."""
+    world = dist.world_size()
+    if ranks_per_node is not None:
+        return NodeLayout.uniform(world, ranks_per_node)
+    if world == 1:
+        return NodeLayout((0,))
+    ids: list = [None] * world
+    torch.distributed.all_gather_object(ids, this_node_id())
+    return NodeLayout.from_node_ids(ids)
+
+
+def compressible_weights(model: nn.Module) -> dict[int, int]:
+    """id(weight) -> columns of its matrix, for every weight of a layer that multiplies (Linear,
+    convolutions); embeddings and 1-D parameters (gains, biases) are absent."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            continue
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter) and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            shape = tuple(getattr(w, "ds_shape", w.shape))
+            cols = 1
+            for s in shape[1:]:
+                cols *= s
+            out[id(w)] = cols
+    return out
+
+
+class GradComm:
+    def __init__(self, cfg, *, zero_stage: int, use_gpu: bool):
+        self.cfg = cfg
+        self.method = cfg.method
+        self.layout = node_layout(cfg.ranks_per_node)
+        self.rank = dist.rank()
+        if self.method == "powersgd":
+            if zero_stage != 3:
+                raise ValueError("grad_comm.method powersgd builds on ZeRO-3's node-sharded partitions: set zero_stage: 3")
+            if self.layout.num_nodes > 1:
+                _ = self.layout.ranks_per_node  # the same on every node, or a clear error
+        if self.method == "zeropp":
+            if zero_stage != 3:
+                raise ValueError("grad_comm.method zeropp is ZeRO++ (ZeRO-3 only): set zero_stage: 3")
+            if (cfg.zeropp.quantized_weights or cfg.zeropp.quantized_gradients) and not (use_gpu and torch.cuda.is_available()):
+                raise ValueError("grad_comm.zeropp quantized_weights/quantized_gradients need CUDA (DeepSpeed's "
+                                 "quantization kernels are CUDA-only); turn them off or train on GPUs")
+        self.node_group = self.replica_group = None
+        if self.method == "powersgd" and self.layout.world_size > 1:
+            self.node_group, self.replica_group = make_process_groups(self.layout, self.rank)
+        self.ledger = CommLedger(self.layout, self.rank)
+        self.powersgd: PowerSGD | None = None
+        self._params: list[nn.Parameter] = []
+        self.steps = 0
+        self._identical: bool | None = None  # replicas identical at every check since the last metrics()
+
+    # --- set-up, in the order the loop calls them ------------------------------------------------
+    def deepspeed_keys(self) -> dict:
+        """Extra arguments of build_deepspeed_config."""
+        if self.method != "zeropp":
+            return {}
+        z = self.cfg.zeropp
+        return {"hpz_partition_size": self.layout.ranks_per_node if z.hierarchical_partitioning else None,
+                "quantized_weights": z.quantized_weights, "quantized_gradients": z.quantized_gradients}
+
+    def partition(self, model: nn.Module, ds_config: dict) -> nn.Module:
+        """powersgd: shard the parameters over this rank's node only (every rank starts from the
+        same weights: rank 0's are broadcast first). Other settings leave it to deepspeed.initialize."""
+        if self.method != "powersgd" or self.node_group is None:
+            return model
+        import deepspeed
+
+        with torch.no_grad():
+            for p in model.parameters():
+                torch.distributed.broadcast(p.data, 0)
+        deepspeed.zero.Init(module=model, data_parallel_group=self.node_group, config_dict_or_path=ds_config)
+        return model
+
+    def attach(self, engine) -> None:
+        if self.layout.num_nodes > 1:
+            self.ledger.install()
+        if self.method != "powersgd" or self.replica_group is None:
+            return
+        columns = compressible_weights(engine.module)
+        self._params = [p for p in engine.module.parameters() if p.requires_grad]
+        specs = []
+        for p in self._params:
+            numel = p.ds_tensor.numel()
+            cols = columns.get(id(p))
+            specs.append(TensorSpec(numel, matrix_view(numel, cols) if cols else None))
+        members = torch.distributed.get_process_group_ranks(self.replica_group)
+        group = self.replica_group
+
+        def all_reduce_mean(t: torch.Tensor) -> None:
+            self.ledger.record("grads", "all_reduce", t.numel() * t.element_size(), members)
+            torch.distributed.all_reduce(t, group=group)
+            t.div_(len(members))
+
+        c = self.cfg.powersgd
+        self.powersgd = PowerSGD(specs, rank=c.rank, warm_start=c.warm_start, error_feedback=c.error_feedback,
+                                 seed=c.seed, all_reduce=all_reduce_mean, device=engine.device)
+
+    # --- every optimizer step --------------------------------------------------------------------
+    def reduce(self, skip: bool = False) -> None:
+        """At the accumulation boundary, after backward, before engine.step(). `skip`: this
+        update is being skipped on every rank (non-finite gradients), so nothing is averaged
+        and the error-feedback buffers stay clean."""
+        self.steps += 1
+        if self.powersgd is None or skip:
+            return
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        grads = [safe_get_local_grad(p) for p in self._params]
+        self.powersgd.reduce_(grads)
+        for p, g in zip(self._params, grads, strict=True):
+            safe_set_local_grad(p, g)
+
+    def verify(self, engine) -> bool:
+        """Whether every rank holds bit-identical full parameters (a collective: gathers the
+        parameters and compares their digests). Kept for the next metrics()."""
+        import hashlib
+
+        with self.uncounted(), _gathered(engine):
+            digest = hashlib.sha256()
+            for p in engine.module.parameters():
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            mine = digest.hexdigest()
+            everyone = [mine]
+            if dist.world_size() > 1:
+                everyone = [None] * dist.world_size()
+                torch.distributed.all_gather_object(everyone, mine)
+        same = len(set(everyone)) == 1
+        self._identical = same and self._identical is not False
+        return same
+
+    def metrics(self) -> dict:
+        """Cross-node bytes per optimizer step since the last call, summed over ranks (a
+        collective: every rank calls it)."""
+        steps = max(self.steps, 1)
+        own = self.ledger.take()
+        totals = [own["grads"], own["params"], own["other"]]
+        if dist.world_size() > 1:
+            t = torch.tensor(totals, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            totals = t.tolist()
+        self.steps = 0
+        out = {"cross_node_grad_bytes": totals[0] / steps, "cross_node_param_bytes": totals[1] / steps,
+               "cross_node_bytes": (totals[0] + totals[1] + totals[2]) / steps, "nodes": self.layout.num_nodes}
+        if self._identical is not None:
+            out["replicas_identical"], self._identical = self._identical, None
+        if self.powersgd is not None:
+            plan = self.powersgd.plan()
+            out["powersgd_sent_fraction"] = plan.sent_elements / max(plan.dense_elements, 1)
+        return out
+
+    def uncounted(self):
+        """Collectives inside (evaluation, sampling, checks) are not training traffic."""
+        return self.ledger.pause()
+
+    # --- checkpoint: each rank's error-feedback buffers and Q factors -----------------------------
+    def _state_file(self) -> str:
+        return f"powersgd-rank{self.rank:05d}.safetensors"
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        if self.powersgd is None:
+            return {}
+        from safetensors.torch import save
+
+        return {self._state_file(): save(self.powersgd.state_dict())}
+
+    def load_from(self, checkpoint_dir: str) -> None:
+        if self.powersgd is None:
+            return
+        path = Path(checkpoint_dir, self._state_file())
+        if not path.exists():
+            log.warning("no PowerSGD state for rank %d in the checkpoint: error feedback starts from zero", self.rank)
+            return
+        from safetensors.torch import load_file
+
+        self.powersgd.load_state_dict(load_file(str(path)))
+
+    def close(self) -> None:
+        self.ledger.uninstall()
+
+
+def _gathered(engine):
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    import contextlib
+
+    return contextlib.nullcontext()
