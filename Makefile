@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean lock
+.PHONY: setup demo test test-all bench bench-compression lint clean lock
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test-all: setup
 bench: setup
 	$(PY) bench/data_throughput.py
 	$(PY) bench/train_throughput.py
+
+# Needs the token dataset `make demo` writes (runs/demo/tokens); ~22 min on 2 cores.
+bench-compression: setup
+	$(PY) bench/compression.py --tokens runs/demo/tokens --steps 200 --rank 8 16
 
 lint: setup
 	$(VENV)/bin/ruff check platform jobs tests bench

@@ -18,8 +18,16 @@ KIND = "tessera.dvae"
 
 def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights from every rank's shard files (ZeRO 1/2/3), or from the single model file
-    a ZeRO-0 run writes."""
+    a ZeRO-0 run writes, or — for parameters sharded within each node (grad_comm powersgd), whose
+    shard files DeepSpeed's zero_to_fp32 cannot put together — the whole weights rank 0 gathered
+    into the checkpoint."""
+    from tessera.training.grad_comm import GATHERED_WEIGHTS
+
     ckpt = Path(checkpoint_dir)
+    if (ckpt / GATHERED_WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / GATHERED_WEIGHTS))
     if any((ckpt / tag).glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

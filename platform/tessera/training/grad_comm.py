@@ -33,6 +33,8 @@ from tessera.parallel.powersgd import PowerSGD, TensorSpec, matrix_view
 from tessera.parallel.topology import NodeLayout, make_process_groups
 
 log = logging.getLogger("tessera.grad_comm")
+# The whole fp32 weights, written by rank 0 into checkpoints of node-sharded runs.
+GATHERED_WEIGHTS = "weights.safetensors"
 
 
 def this_node_id() -> str:
@@ -94,9 +96,17 @@ class GradComm:
             if (cfg.zeropp.quantized_weights or cfg.zeropp.quantized_gradients) and not (use_gpu and torch.cuda.is_available()):
                 raise ValueError("grad_comm.zeropp quantized_weights/quantized_gradients need CUDA (DeepSpeed's "
                                  "quantization kernels are CUDA-only); turn them off or train on GPUs")
+            k = self.layout.ranks_per_node
+            if self.layout.node_groups() != NodeLayout.uniform(self.layout.world_size, k).node_groups():
+                # DeepSpeed builds hpZ's secondary groups from consecutive ranks.
+                raise ValueError(f"grad_comm zeropp needs consecutive ranks on each node; the workers' nodes are "
+                                 f"{list(self.layout.node_of_rank)} (use placement_strategy PACK)")
         self.node_group = self.replica_group = None
-        if self.method == "powersgd" and self.layout.world_size > 1:
+        if self.method == "powersgd" and self.layout.num_nodes > 1:
             self.node_group, self.replica_group = make_process_groups(self.layout, self.rank)
+        elif self.method == "powersgd":
+            log.warning("grad_comm powersgd on one node: no gradient crosses a node boundary, so ZeRO-3 "
+                        "reduces them uncompressed")
         self.ledger = CommLedger(self.layout, self.rank)
         self.powersgd: PowerSGD | None = None
         self._params: list[nn.Parameter] = []
@@ -124,6 +134,11 @@ class GradComm:
                 torch.distributed.broadcast(p.data, 0)
         deepspeed.zero.Init(module=model, data_parallel_group=self.node_group, config_dict_or_path=ds_config)
         return model
+
+    @property
+    def param_partition(self) -> str:
+        """"node" when ZeRO-3 shards parameters within each node (powersgd), else "world"."""
+        return "node" if self.method == "powersgd" and self.node_group is not None else "world"
 
     def attach(self, engine) -> None:
         if self.layout.num_nodes > 1:
@@ -210,12 +225,21 @@ class GradComm:
     def _state_file(self) -> str:
         return f"powersgd-rank{self.rank:05d}.safetensors"
 
-    def checkpoint_files(self) -> dict[str, bytes]:
-        if self.powersgd is None:
-            return {}
+    def checkpoint_files(self, engine) -> dict[str, bytes]:
+        """This rank's files for the checkpoint: its PowerSGD state; and, on rank 0, the whole
+        weights when they are sharded within nodes (a collective: every rank calls it), because
+        DeepSpeed's zero_to_fp32 only reassembles shards laid out over every rank."""
         from safetensors.torch import save
 
-        return {self._state_file(): save(self.powersgd.state_dict())}
+        files = {}
+        if self.powersgd is not None:
+            files[self._state_file()] = save(self.powersgd.state_dict())
+        if self.param_partition == "node":
+            with self.uncounted(), _gathered(engine):
+                if dist.is_main():
+                    weights = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+                    files[GATHERED_WEIGHTS] = save(weights)
+        return files
 
     def load_from(self, checkpoint_dir: str) -> None:
         if self.powersgd is None:

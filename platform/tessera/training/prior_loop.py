@@ -328,13 +328,14 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                 window = dict.fromkeys(window, 0.0) | {"n": 0}
                 tick, sequences = time.time(), 0
                 if save:
-                    state = {"step": step, "shape": shape.to_dict(), "precision": precision}
+                    state = {"step": step, "shape": shape.to_dict(), "precision": precision,
+                             "param_partition": comm.param_partition}
                     if scaler is not None:
                         state[SCALER_KEY] = {k: v.tolist() if torch.is_tensor(v) else v
                                              for k, v in scaler.state_dict().items()}
                     save_checkpoint(engine, hooks, last, state=state, config=cfg.model_dump(mode="json"),
                                     data_manifest=manifest if dist.is_main() else None, ema=ema,
-                                    rank_files=comm.checkpoint_files())
+                                    rank_files=comm.checkpoint_files(engine))
                 else:
                     hooks.report(last, None)
         epoch += 1
