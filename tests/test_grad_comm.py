@@ -75,6 +75,13 @@ def test_powersgd_and_zeropp_two_nodes_of_two_ranks(ray_cluster, tmp_path):
     # The step-6 validation loss the run reported, from the exported weights.
     assert float(out["image_loss"]) == pytest.approx(reports(psgd)[-1]["val_image_loss"], rel=1e-4)
 
+    # With a rank too large to gain, PowerSGD sends every partition whole: node-sharded ZeRO-3 plus
+    # the cross-node all-reduce must then compute what plain ZeRO-3 does (up to summation order).
+    dense = run(tmp_path, "dense", ["prior.grad_comm.method=powersgd", "prior.grad_comm.powersgd.rank=4096"])
+    assert reports(dense)[-1]["powersgd_sent_fraction"] == 1.0
+    for step, loss in losses(dense).items():
+        assert loss == pytest.approx(losses(none)[step], rel=1e-4), step
+
     # ZeRO++ hierarchical partitioning (the part that runs on CPU): the same computation, with the
     # parameter gathers served by each node's secondary copy.
     hpz = run(tmp_path, "zeropp", ["prior.grad_comm.method=zeropp", "prior.steps=3", "prior.checkpoint_every=3",

@@ -100,6 +100,17 @@ def test_uncompressed_tensors_and_the_plan():
         psgd.reduce_([bias, small, torch.zeros(10)])
 
 
+def test_uncompressed_steps_send_everything_and_keep_the_error_buffers():
+    m = torch.randn(32, 20, generator=torch.Generator().manual_seed(11))
+    psgd = PowerSGD([TensorSpec(m.numel(), (32, 20)), TensorSpec(7)], rank=2)
+    psgd.reduce_([m.clone(), torch.zeros(7)])
+    error = psgd.errors[0].clone()
+    t, b = m.clone(), torch.ones(7)
+    stats = psgd.reduce_uncompressed_([t, b])
+    assert torch.equal(t, m) and torch.equal(b, torch.ones(7)) and torch.equal(psgd.errors[0], error)
+    assert stats.sent_elements == stats.dense_elements == 32 * 20 + 7 and psgd.steps == 1
+
+
 def test_state_round_trip_continues_identically():
     g = torch.Generator().manual_seed(6)
     grads = [torch.randn(24, 16, generator=g) for _ in range(4)]

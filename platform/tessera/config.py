@@ -193,6 +193,10 @@ class PowerSGDConfig(Section):
     warm_start: bool = True
     error_feedback: bool = True
     seed: int = 0
+    # Optimizer steps before compression starts, averaged exactly across nodes meanwhile (as
+    # torch's PowerSGD hook does for its first start_powerSGD_iter steps): early gradients
+    # change fast. 0: compressed from the first step.
+    start_step: int = Field(0, ge=0)
 
 
 class ZeroPPConfig(Section):

@@ -154,6 +154,18 @@ class PowerSGD:
         self.steps += 1
         return self.plan()
 
+    @torch.no_grad()
+    def reduce_uncompressed_(self, tensors: Sequence[torch.Tensor]) -> ReduceStats:
+        """The exact mean, every tensor whole in one all-reduce (before compression starts);
+        the error-feedback buffers and Q factors are left as they are."""
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        self.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.view(-1).copy_(flat[offset:offset + t.numel()])
+            offset += t.numel()
+        return ReduceStats(sent_elements=flat.numel(), dense_elements=flat.numel(), element_bytes=4)
+
     def _with_error(self, i: int, t: torch.Tensor) -> torch.Tensor:
         n, m = self.specs[i].matrix
         flat = t.reshape(-1).to(torch.float32)

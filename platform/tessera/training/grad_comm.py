@@ -111,6 +111,8 @@ class GradComm:
         self.powersgd: PowerSGD | None = None
         self._params: list[nn.Parameter] = []
         self.steps = 0
+        self.total_steps = 0
+        self._run_bytes = 0.0  # every rank's cross-node bytes summed, since this process started
         self._identical: bool | None = None  # replicas identical at every check since the last metrics()
 
     # --- set-up, in the order the loop calls them ------------------------------------------------
@@ -165,17 +167,21 @@ class GradComm:
                                  seed=c.seed, all_reduce=all_reduce_mean, device=engine.device)
 
     # --- every optimizer step --------------------------------------------------------------------
-    def reduce(self, skip: bool = False) -> None:
-        """At the accumulation boundary, after backward, before engine.step(). `skip`: this
-        update is being skipped on every rank (non-finite gradients), so nothing is averaged
-        and the error-feedback buffers stay clean."""
+    def reduce(self, step: int, skip: bool = False) -> None:
+        """At the accumulation boundary of optimizer step `step` (0-based), after backward, before
+        engine.step(). `skip`: this update is being skipped on every rank (non-finite gradients),
+        so nothing is averaged and the error-feedback buffers stay clean."""
         self.steps += 1
+        self.total_steps += 1
         if self.powersgd is None or skip:
             return
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
         grads = [safe_get_local_grad(p) for p in self._params]
-        self.powersgd.reduce_(grads)
+        if step < self.cfg.powersgd.start_step:
+            self.powersgd.reduce_uncompressed_(grads)
+        else:
+            self.powersgd.reduce_(grads)
         for p, g in zip(self._params, grads, strict=True):
             safe_set_local_grad(p, g)
 
@@ -198,8 +204,8 @@ class GradComm:
         return same
 
     def metrics(self) -> dict:
-        """Cross-node bytes per optimizer step since the last call, summed over ranks (a
-        collective: every rank calls it)."""
+        """Cross-node bytes per optimizer step since the last call (and over the whole run in
+        this process), summed over ranks (a collective: every rank calls it)."""
         steps = max(self.steps, 1)
         own = self.ledger.take()
         totals = [own["grads"], own["params"], own["other"]]
@@ -208,8 +214,10 @@ class GradComm:
             torch.distributed.all_reduce(t)
             totals = t.tolist()
         self.steps = 0
+        self._run_bytes += sum(totals)
         out = {"cross_node_grad_bytes": totals[0] / steps, "cross_node_param_bytes": totals[1] / steps,
-               "cross_node_bytes": (totals[0] + totals[1] + totals[2]) / steps, "nodes": self.layout.num_nodes}
+               "cross_node_bytes": sum(totals) / steps, "nodes": self.layout.num_nodes,
+               "cross_node_bytes_run_mean": self._run_bytes / max(self.total_steps, 1)}
         if self._identical is not None:
             out["replicas_identical"], self._identical = self._identical, None
         if self.powersgd is not None:

@@ -287,7 +287,7 @@ def train_prior(cfg: TesseraConfig, hooks: Hooks) -> dict:
                 skip = scaler.update(flags.bool())
                 adamw.skip_next = skip
             if boundary:
-                comm.reduce(skip=skip)
+                comm.reduce(step, skip=skip)
             engine.step()
             micro += 1
             with torch.no_grad():
