@@ -90,6 +90,21 @@ def dense_mask(spec: MaskSpec, device: str = "cpu") -> torch.Tensor:
     return mask_mod(spec)(zero, zero, idx[:, None], idx[None, :])
 
 
+def cached_key_positions(spec: MaskSpec, start: int, end: int, device: str = "cpu") -> slice | torch.Tensor:
+    """Which cached keys the queries start..end-1 read during incremental decoding: for one image
+    query under a sparse pattern, the indices its mask row allows (text + the row's / column's /
+    window's earlier image positions: ~T + G keys instead of T + G·G); otherwise every position
+    before `end` (the caller applies the dense mask rows)."""
+    if end - start != 1 or spec.pattern == "full" or start < spec.text_len:
+        return slice(0, end)
+    return _allowed_keys(spec, start, device)
+
+
+@functools.lru_cache(maxsize=8192)
+def _allowed_keys(spec: MaskSpec, q: int, device: str) -> torch.Tensor:
+    return dense_mask(spec, device)[q, : q + 1].nonzero().flatten()
+
+
 def flex_available() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.models.attention import MaskSpec, attend, layer_patterns, resolve_impl
+from tessera.models.attention import (
+    MaskSpec,
+    attend,
+    cached_key_positions,
+    dense_mask,
+    layer_patterns,
+    resolve_impl,
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,23 @@ class Attention(nn.Module):
         y = attend(q, k, v, self.spec, impl)  # (B, H, L, Dh)
         return self.post_norm(self.out(y.transpose(1, 2).reshape(B, L, D)))
 
+    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, n, D) at sequence positions start..start+n-1; their keys and values are written
+        into the caches (B, H, L, Dh) and the queries attend over positions 0..start+n-1 with this
+        layer's mask rows. The same call serves the prompt (n > 1) and each new token (n = 1)."""
+        B, n, D = x.shape
+        end = start + n
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        keys = cached_key_positions(self.spec, start, end, str(x.device))
+        if isinstance(keys, slice):  # every earlier position: no gather
+            ck, cv, mask = cache_k[:, :, :end], cache_v[:, :, :end], dense_mask(self.spec, str(x.device))[start:end, :end]
+        else:  # one query under a sparse pattern: only the keys its mask row allows, (B, H, m, Dh)
+            ck, cv, mask = cache_k.index_select(2, keys), cache_v.index_select(2, keys), None
+        y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)  # (B, H, n, Dh)
+        return self.post_norm(self.out(y.transpose(1, 2).reshape(B, n, D)))
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int, glu: bool, normformer: bool):
@@ -117,6 +141,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), impl)
+        return x + self.ff(self.norm2(x))
+
+    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.norm1(x), cache_k, cache_v, start)
         return x + self.ff(self.norm2(x))
 
 
@@ -199,12 +227,49 @@ class Prior(nn.Module):
         top = [*self.norm.parameters(), *self.text_head.parameters(), *self.image_head.parameters()]
         return [(None, embed), *((b, list(b.parameters())) for b in self.blocks), (self.norm, top)]
 
+    def new_cache(self, batch: int, *, device: torch.device | str, dtype: torch.dtype) -> KVCache:
+        s = self.shape
+        size = (batch, s.heads, s.seq_len, s.dim // s.heads)
+        return KVCache([torch.zeros(size, device=device, dtype=dtype) for _ in self.blocks],
+                       [torch.zeros(size, device=device, dtype=dtype) for _ in self.blocks])
+
+    @torch.no_grad()
+    def extend(self, cache: KVCache, x: torch.Tensor) -> torch.Tensor:
+        """Embedded positions x (B, n, D) following the cache's `length` positions -> the image
+        logits (B, image_vocab) predicted at the last of them; the cache grows by n."""
+        start = cache.length
+        if start + x.shape[1] > self.shape.seq_len:
+            raise ValueError(f"the sequence holds {self.shape.seq_len} positions; cannot extend {start} by {x.shape[1]}")
+        for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
+            x = block.forward_cached(x, k, v, start)
+        cache.length = start + x.shape[1]
+        return self.image_head(self.norm(x[:, -1])).float()
+
+    def embed_image_token(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """tokens (B,) at image position `index` (row-major) -> (B, 1, D)."""
+        G = self.shape.grid
+        return (self.image_emb(tokens) + self.image_row[index // G] + self.image_col[index % G])[:, None]
+
     @torch.no_grad()
     def next_image_logits(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
                           image_tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, image_vocab) of the next image token given a caption and the first n tokens."""
         h = self.hidden(self.embed(text_ids, text_mask, image_tokens))
         return self.image_head(h[:, -1]).float()
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, (B, H, seq_len, Dh) each, filled up to `length`."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate batch rows (index (B',) into the batch), e.g. to fan a prompt out into
+        candidates after computing its prefix once."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -181,8 +181,10 @@ def write_sample_grid(model: Prior, rows: dict, hooks: Hooks, *, step: int, cfg:
     was_training = model.training
     model.eval()
     with _autocast(precision, device):
+        # Uncached: the KV-cache path calls the blocks' forward_cached, which bypasses the module
+        # hooks ZeRO-3 gathers its partitioned parameters with.
         tokens = sample_image_tokens(model, ids, mask, temperature=p.grid_temperature, top_k=p.grid_top_k,
-                                     seed=p.seed + step)
+                                     seed=p.seed + step, use_cache=False)
     model.train(was_training)
     if dist.is_main():
         decode = hooks.image_decoder()
