@@ -290,6 +290,38 @@ class PriorTrainConfig(StageTrainConfig):
         return self
 
 
+class RerankerTrainConfig(StageTrainConfig):
+    """The contrastive reranker (a small CLIP) that ranks sampled candidates by caption fit.
+
+    Its caption vocabulary comes from the prepared dataset's tokenizer and its caption length from
+    `loader.text_len`; `size` names the rest. It reads the prepared image shards (not tokens), at
+    the resolution the dVAE decodes, so it scores what the sampler will show it."""
+
+    size: Literal["debug", "small"] = "debug"
+    # None: the dVAE size's image_size (what decoded candidates measure).
+    image_size: int | None = Field(None, ge=8, le=1024)
+    micro_batch: int = Field(64, ge=2)  # per worker; the in-batch negatives of the contrastive loss
+    # AdamW as CLIP: β = (0.9, 0.98), ε = 1e-6, decay on matrices only (CLIP's 0.2 is for far
+    # longer runs).
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Retrieval accuracy among the first `val_pairs` validation image-caption pairs.
+    val_pairs: int = Field(256, ge=2)
+    # None: {run.root_uri}/reranker
+    output_uri: Uri | None = None
+
+    @model_validator(mode="after")
+    def _precision(self) -> RerankerTrainConfig:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 needs use_gpu: true (use bf16 or fp32 on CPU)")
+        return self
+
+
 class EncodeConfig(Section):
     """The encode job: image shards -> token shards with the exported dVAE."""
 
@@ -304,6 +336,17 @@ class EncodeConfig(Section):
     overwrite: bool = False
 
 
+class ExportConfig(Section):
+    """jobs/export.py: the model bundle serving and generation load."""
+
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    # default: "tessera-{run.name}"; the `model` id the HTTP API answers to
+    output_uri: Uri | None = None  # default: {run.root_uri}/bundle
+    prior_uri: Uri | None = None  # the prior's export; default: {prior uri}/export
+    include_reranker: bool = True  # when the reranker's export exists
+    overwrite: bool = True  # replace a bundle already at output_uri (its manifest is removed first)
+
+
 class TesseraConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -314,6 +357,8 @@ class TesseraConfig(Section):
     dvae: DVAETrainConfig = Field(default_factory=DVAETrainConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)
+    reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property
     def data_uri(self) -> str:
@@ -338,6 +383,18 @@ class TesseraConfig(Section):
     @property
     def prior_uri(self) -> str:
         return self.prior.output_uri or storage.join(self.run.root_uri, "prior")
+
+    @property
+    def reranker_uri(self) -> str:
+        return self.reranker.output_uri or storage.join(self.run.root_uri, "reranker")
+
+    @property
+    def bundle_uri(self) -> str:
+        return self.export.output_uri or storage.join(self.run.root_uri, "bundle")
+
+    @property
+    def bundle_name(self) -> str:
+        return self.export.name or f"tessera-{self.run.name}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -124,3 +124,52 @@ def load_prior(uri: str, *, options: storage.StorageOptions | None = None, devic
     model = Prior(PriorShape(**meta["shape"]), attention_impl=attention_impl)
     model.load_state_dict(load(storage.read_bytes(storage.join(uri, PRIOR_WEIGHTS), options)))
     return model.to(device).eval()
+
+
+RERANKER_WEIGHTS = "reranker.safetensors"
+RERANKER_META = "reranker.json"
+RERANKER_KIND = "tessera.reranker"
+
+
+def export_reranker(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
+    """`reranker.safetensors` then `reranker.json` (shape, step, the last validation retrieval
+    accuracy, config, and the tokenizer its captions were encoded with: sampling must use the same)."""
+    from safetensors.torch import load_file, save
+
+    from tessera.models.reranker import Reranker, RerankerShape
+    from tessera.training.common import CHECKPOINT_TAG, DATA_MANIFEST_FILE, EMA_FILE, STATE_FILE
+
+    ckpt = Path(checkpoint_dir)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    shape = RerankerShape(**state["shape"])
+    if (ckpt / EMA_FILE).exists():
+        weights, source = load_file(str(ckpt / EMA_FILE)), "ema"
+    else:
+        weights, source = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+    Reranker(shape).load_state_dict(weights)  # strict: the export is complete or it is not written
+    meta = {"kind": RERANKER_KIND, "format_version": 1, "shape": shape.to_dict(), "step": state["step"],
+            "weights": source, "num_parameters": sum(v.numel() for v in weights.values())}
+    if state.get("retrieval"):
+        meta["retrieval"] = state["retrieval"]
+    if (ckpt / "config.json").exists():
+        meta["config"] = json.loads((ckpt / "config.json").read_text())
+    if (ckpt / DATA_MANIFEST_FILE).exists():
+        data = json.loads((ckpt / DATA_MANIFEST_FILE).read_text())
+        meta["data"] = {k: data[k] for k in ("generation", "tokenizer", "resolution") if k in data}
+    storage.write_bytes(storage.join(out_uri, RERANKER_WEIGHTS), save(weights), options)
+    storage.write_json(storage.join(out_uri, RERANKER_META), meta, options)
+    return meta
+
+
+def load_reranker(uri: str, *, options: storage.StorageOptions | None = None, device: str = "cpu"):
+    """The exported reranker, in eval mode on `device` (torch + safetensors only; nothing unpickled)."""
+    from safetensors.torch import load
+
+    from tessera.models.reranker import Reranker, RerankerShape
+
+    meta = storage.read_json(storage.join(uri, RERANKER_META), options)
+    if meta.get("kind") != RERANKER_KIND:
+        raise ValueError(f"{uri}: {RERANKER_META} is not a tessera reranker export (kind={meta.get('kind')!r})")
+    model = Reranker(RerankerShape(**meta["shape"]))
+    model.load_state_dict(load(storage.read_bytes(storage.join(uri, RERANKER_WEIGHTS), options)))
+    return model.to(device).eval()
