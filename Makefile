@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-compression lint clean lock
+.PHONY: setup demo test test-all bench bench-compression bench-serve lint clean lock
 
 setup: $(STAMP)
 
@@ -44,8 +44,12 @@ bench: setup
 bench-compression: setup
 	$(PY) bench/compression.py --tokens runs/demo/tokens --steps 200 --rank 8 16
 
+# Needs the model bundle (runs/demo/bundle); ~2 min: a burst of HTTP requests, autoscaling 1 -> 2 -> 1.
+bench-serve: setup
+	$(PY) bench/serve_load.py --bundle runs/demo/bundle
+
 lint: setup
-	$(VENV)/bin/ruff check platform jobs tests bench
+	$(VENV)/bin/ruff check platform jobs tests bench serve
 
 lock: setup
 	{ head -3 requirements/constraints.txt; $(PIP) freeze | grep -viE '^(-e |#)' | grep -viE '^(torch|tessera|sympy|mpmath|networkx|jinja2|markupsafe|filelock|typing.extensions|setuptools|pip)(==| )'; } > requirements/constraints.txt.new

@@ -1,0 +1,342 @@
+"""The Serve application over real HTTP on 127.0.0.1: one app (a real tiny bundle) for the module.
+
+The generator runs with max_ongoing_requests=1 and max_queued_requests=3, so overload is easy to
+provoke on purpose (the overload test runs last); the requests before it are sequential, so those
+limits never bite them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import requests
+from conftest import free_port
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+ARG_KEY, ENV_KEY = "arg-key-1", "env-key-2"
+MAX_BODY = 16384
+TIMEOUT_S = 1.5  # request_timeout_s: several times a light request (~0.1-0.4 s), below 3 heavy ones (~0.8 s each)
+
+
+@dataclass
+class Served:
+    base: str
+    name: str
+    resolution: int
+    has_reranker: bool
+
+    def post(self, body, *, key: str | None = ARG_KEY, headers: dict | None = None, raw: bytes | None = None):
+        h = {"Content-Type": "application/json"}
+        if key is not None:
+            h["Authorization"] = f"Bearer {key}"
+        h.update(headers or {})
+        data = raw if raw is not None else json.dumps(body).encode()
+        return requests.post(f"{self.base}/v1/images/generations", data=data, headers=h, timeout=120)
+
+
+def assert_error(r: requests.Response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.mode == "RGB"
+    return img.size
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tmp_path_factory):
+    from bundles import make_bundle
+    from ray import serve
+
+    from serve.app import build_app
+
+    uri = make_bundle(tmp_path_factory.mktemp("serve-bundle"), seed=0)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESSERA_API_KEYS", ENV_KEY)
+        application = build_app({
+            "bundle": uri, "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+            "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 3,
+            "request_timeout_s": TIMEOUT_S, "api_keys": [ARG_KEY], "max_body_bytes": MAX_BODY,
+            "max_prompt_chars": 200, "max_candidates": 64})
+    try:
+        serve.run(application, name="tessera-test", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        from tessera.bundle import read_manifest
+
+        manifest = read_manifest(uri)
+        served = Served(base=base, name=manifest["name"], resolution=manifest["resolution"],
+                        has_reranker=manifest["has_reranker"])
+        # The first call pays for the handle's first routing and torch's first run; keep that out
+        # of the tests' short request timeout.
+        deadline = time.time() + 60
+        while served.post({"prompt": "warm up", "seed": 0}).status_code != 200 and time.time() < deadline:
+            time.sleep(0.5)
+        yield served
+    finally:
+        serve.shutdown()
+
+
+def test_b64_json_returns_n_pngs_of_the_model_resolution(app):
+    before = int(time.time())
+    r = app.post({"prompt": "a small red circle", "n": 3, "seed": 1, "size": f"{app.resolution}x{app.resolution}",
+                  "model": app.name, "user": "tester", "quality": "standard", "style": "natural"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"created", "data"} and before <= out["created"] <= time.time() + 1
+    assert len(out["data"]) == 3
+    for item in out["data"]:
+        assert set(item) == {"b64_json"}
+        assert png_size(base64.b64decode(item["b64_json"])) == (app.resolution, app.resolution)
+
+
+def test_same_seed_same_image_different_seed_different(app):
+    def images(seed):
+        r = app.post({"prompt": "a large blue square", "seed": seed, "n": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    first = images(123)
+    assert images(123) == first
+    assert images(124) != first
+
+
+def test_url_format_serves_the_pngs_from_the_ingress(app):
+    r = app.post({"prompt": "a green triangle", "n": 2, "seed": 5, "response_format": "url"})
+    assert r.status_code == 200, r.text
+    urls = [d["url"] for d in r.json()["data"]]
+    assert len(set(urls)) == 2
+    for url in urls:
+        assert url.startswith(f"{app.base}/v1/images/files/") and url.endswith(".png")
+        got = requests.get(url, timeout=30)  # no key: the unguessable URL is the capability
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        assert png_size(got.content) == (app.resolution, app.resolution)
+    # The same seed as b64_json gives the same bytes as the file.
+    b64 = app.post({"prompt": "a green triangle", "n": 2, "seed": 5}).json()["data"]
+    assert base64.b64decode(b64[0]["b64_json"]) == requests.get(urls[0], timeout=30).content
+    assert_error(requests.get(f"{app.base}/v1/images/files/nope.png", timeout=30), 404, code="not_found")
+
+
+def test_official_openai_client(app):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app.base}/v1", api_key=ENV_KEY, max_retries=0)
+    res = client.images.generate(prompt="a yellow diamond", n=2, size=f"{app.resolution}x{app.resolution}",
+                                 response_format="b64_json", model=app.name, quality="hd", style="vivid",
+                                 user="someone", extra_body={"seed": 3, "temperature": 0.9, "top_k": 50})
+    assert len(res.data) == 2 and isinstance(res.created, int)
+    assert png_size(base64.b64decode(res.data[0].b64_json)) == (app.resolution, app.resolution)
+    url_res = client.images.generate(prompt="a yellow diamond", response_format="url")
+    assert requests.get(url_res.data[0].url, timeout=30).status_code == 200
+    assert [m.id for m in client.models.list().data] == [app.name]
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="x", n=11)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as size:
+        client.images.generate(prompt="x", size="1024x1024")
+    assert size.value.body["param"] == "size"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{app.base}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.images.generate(prompt="x", model="dall-e-3")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_api_keys(app):
+    body = {"prompt": "a circle", "seed": 0}
+    assert_error(app.post(body, key=None), 401, code="invalid_api_key")
+    assert_error(app.post(body, key="wrong"), 401, code="invalid_api_key")
+    assert_error(app.post(body, key=None, headers={"Authorization": f"Basic {ARG_KEY}"}), 401)
+    assert app.post(body, key=ARG_KEY).status_code == 200
+    assert app.post(body, key=ENV_KEY).status_code == 200  # from $TESSERA_API_KEYS
+    assert_error(requests.get(f"{app.base}/v1/models", timeout=30), 401)
+    models = requests.get(f"{app.base}/v1/models", headers={"Authorization": f"Bearer {ARG_KEY}"}, timeout=30).json()
+    assert models["object"] == "list"
+    assert models["data"] == [{"id": app.name, "object": "model", "created": models["data"][0]["created"],
+                               "owned_by": "tessera"}]
+    assert requests.get(f"{app.base}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_error_statuses_and_shapes(app):
+    assert_error(app.post(None, raw=b'{"prompt": "a",'), 400, code="invalid_json")
+    assert_error(app.post({"prompt": "a", "n": 0}), 400, param="n")
+    assert_error(app.post({"prompt": "a", "colour": "red"}), 400, param="colour", code="unknown_parameter")
+    assert_error(app.post({"prompt": "a", "n": "2"}), 400, param="n")
+    assert_error(app.post({"prompt": ""}), 400, param="prompt")
+    assert_error(app.post({"prompt": "a", "model": "dall-e-2"}), 404, param="model", code="model_not_found")
+    assert_error(requests.get(f"{app.base}/v1/nothing-here", timeout=30), 404)
+    assert_error(requests.get(f"{app.base}/v1/images/generations", timeout=30), 405)
+    assert_error(app.post(None, raw=b"prompt=a", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    # Too large: by Content-Length, and for a chunked body with no length, while reading.
+    big = json.dumps({"prompt": "a", "user": "x" * MAX_BODY}).encode()
+    assert_error(app.post(None, raw=big), 413, code="request_too_large")
+    r = requests.post(f"{app.base}/v1/images/generations", data=(big[i:i + 1000] for i in range(0, len(big), 1000)),
+                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {ARG_KEY}"}, timeout=60)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    assert_error(r, 413, code="request_too_large")
+    if not app.has_reranker:
+        assert_error(app.post({"prompt": "a", "candidates": 2}), 400, param="candidates")
+
+
+def test_web_page_is_self_contained_and_generates_in_a_browser(app, tmp_path):
+    import re
+
+    page = requests.get(f"{app.base}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), "the page refers to an external URL"
+    assert "<script src" not in html and "<link" not in html and "@import" not in html
+
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(f"{app.base}/")
+        driver.find_element(By.ID, "prompt").send_keys("a small red circle above a large blue square")
+        n = driver.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("2")
+        driver.find_element(By.ID, "apiKey").send_keys(ARG_KEY)
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 90).until(lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('#images img')];"
+            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
+        widths = driver.execute_script("return [...document.querySelectorAll('#images img')]"
+                                       ".map(i => [i.naturalWidth, i.naturalHeight, i.src.slice(0, 22)])")
+        assert widths == [[app.resolution, app.resolution, "data:image/png;base64,"]] * 2
+        assert "error" not in driver.find_element(By.ID, "status").get_attribute("class")
+    finally:
+        driver.quit()
+
+
+def _chromium(tmp_path):
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not os.path.exists(p)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -r requirements/dev.txt)")
+    if missing:
+        pytest.skip(f"browser test needs {', '.join(missing)}; install with `apt-get install chromium chromium-driver`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+_FIELDS = ["prompt", "model", "n", "size", "response_format", "user", "quality", "style", "background", "stream",
+           "output_format", "output_compression", "partial_images", "seed", "temperature", "top_k", "top_p",
+           "guidance_scale", "candidates", "no_such_field", "", "n "]
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 20), st.sampled_from([2**31, 2**63, -(2**63), 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.sampled_from(["", "32x32", "auto", "url", "b64_json", "hd", "dall-e-3", "png", "\ud800", "💥" * 3]),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@st.composite
+def _dict_bodies(draw):
+    body = {"prompt": "a red square", "n": 1}
+    for name in draw(st.lists(st.sampled_from(_FIELDS), min_size=1, max_size=3, unique=True)):
+        if draw(st.integers(0, 5)) == 0:
+            body.pop(name, None)
+        else:
+            body[name] = draw(_values)
+    return json.dumps(body, allow_nan=True).encode()
+
+
+_bodies = st.one_of(
+    _dict_bodies(), _dict_bodies(), _dict_bodies(),
+    st.binary(max_size=64),
+    st.builds(lambda v: json.dumps(v, allow_nan=True).encode(), _values),
+    st.sampled_from([b"[" * 100000, b"{" * 3000, b'{"prompt": "a"' + b" " * (MAX_BODY + 10) + b"}",
+                     b'{"prompt": "a"}' + b"\x00", b'\xef\xbb\xbf{"prompt": 1}', "{\"prompt\": \"\u00e9\"}".encode("latin-1")]),
+)
+_content_types = st.sampled_from([None, "application/json", "application/json; charset=utf-8", "text/plain",
+                                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""])
+_keys = st.sampled_from([ARG_KEY, ARG_KEY, ARG_KEY, None, "wrong", ""])
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(body=_bodies, content_type=_content_types, key=_keys)
+def test_malformed_requests_never_get_a_5xx(app, body, content_type, key):
+    headers = {}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    r = requests.post(f"{app.base}/v1/images/generations", data=body, headers=headers, timeout=120)
+    assert r.status_code < 500, (r.status_code, r.text[:300], body[:200])
+    if r.status_code >= 400:
+        assert_error(r, r.status_code)
+    else:
+        assert r.status_code == 200 and r.json()["data"]
+
+
+def test_overload_answers_429_when_the_queue_is_full_and_503_past_the_timeout(app):
+    """One request runs on the replica (max_ongoing_requests=1) and three heavy ones queue behind it
+    (max_queued_requests=3): a further request is refused at once with 429, and the last queued ones
+    cannot finish within request_timeout_s (each heavy request takes ~0.8 s) and get 503."""
+    heavy = {"prompt": "a busy picture", "n": 10, "guidance_scale": 3.0}
+    if app.has_reranker:
+        heavy["candidates"] = 64
+    results: dict[int, requests.Response] = {}
+
+    def send(i):
+        results[i] = app.post({**heavy, "seed": i})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:  # spaced so each is running or queued before the next arrives
+        t.start()
+        time.sleep(0.1)
+    rejected = []
+    while any(t.is_alive() for t in threads[1:]) and not rejected:
+        r = app.post({"prompt": "a dot", "seed": 1})
+        if r.status_code == 429:
+            rejected.append(r)
+        time.sleep(0.02)
+    assert rejected, "the queue was full but no request was refused"
+    err = assert_error(rejected[0], 429, code="queue_full")
+    assert err["type"] == "rate_limit_error" and rejected[0].headers.get("Retry-After") == "1"
+    for t in threads:
+        t.join(timeout=120)
+    statuses = [results[i].status_code for i in range(4)]
+    assert statuses[0] == 200 and set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses, statuses
+    timed_out = next(results[i] for i in range(4) if statuses[i] == 503)
+    err = assert_error(timed_out, 503, code="timeout")
+    assert err["type"] == "server_error" and timed_out.headers.get("Retry-After")
+    # The replica finishes the work it had started, then serves again.
+    deadline = time.time() + 60
+    while (r := app.post({"prompt": "a dot", "seed": 1})).status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
