@@ -38,6 +38,17 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Te
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
 
 
+def checkpoint_weights(checkpoint_dir: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(weights, "ema") when the run kept a parameter EMA, else (its trained weights, "trained")."""
+    from tessera.training.common import CHECKPOINT_TAG, EMA_FILE
+
+    if (Path(checkpoint_dir) / EMA_FILE).exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(checkpoint_dir) / EMA_FILE)), "ema"
+    return consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+
+
 def save_dvae(weights: dict[str, torch.Tensor], shape: DVAEShape, out_uri: str, /, *,
               options: storage.StorageOptions | None = None, **meta_extra) -> dict:
     """Write `dvae.safetensors` then `dvae.json` (last: its presence marks a complete export)."""
@@ -53,16 +64,11 @@ def save_dvae(weights: dict[str, torch.Tensor], shape: DVAEShape, out_uri: str, 
 
 def export_dvae(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
     """The checkpoint's parameter EMA when the run kept one, else its trained weights."""
-    from tessera.training.common import CHECKPOINT_TAG, EMA_FILE, STATE_FILE
+    from tessera.training.common import STATE_FILE
 
     state_file = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
     shape = DVAEShape(**state_file["shape"])
-    if (Path(checkpoint_dir) / EMA_FILE).exists():
-        from safetensors.torch import load_file
-
-        weights, source = load_file(str(Path(checkpoint_dir) / EMA_FILE)), "ema"
-    else:
-        weights, source = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+    weights, source = checkpoint_weights(checkpoint_dir)
     extra = {"step": state_file["step"], "weights": source}
     config = Path(checkpoint_dir) / "config.json"
     if config.exists():
@@ -89,18 +95,15 @@ PRIOR_KIND = "tessera.prior"
 def export_prior(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
     """`prior.safetensors` then `prior.json` (shape, step, config, and the token dataset it was
     trained on: its tokenizer and dVAE are what sampling needs)."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from tessera.models.prior import Prior, PriorShape
-    from tessera.training.common import CHECKPOINT_TAG, DATA_MANIFEST_FILE, EMA_FILE, STATE_FILE
+    from tessera.training.common import DATA_MANIFEST_FILE, STATE_FILE
 
     ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / STATE_FILE).read_text())
     shape = PriorShape(**state["shape"])
-    if (ckpt / EMA_FILE).exists():
-        weights, source = load_file(str(ckpt / EMA_FILE)), "ema"
-    else:
-        weights, source = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+    weights, source = checkpoint_weights(checkpoint_dir)
     Prior(shape).load_state_dict(weights)  # strict: the export is complete or it is not written
     meta = {"kind": PRIOR_KIND, "format_version": 1, "shape": shape.to_dict(), "step": state["step"],
             "weights": source, "num_parameters": sum(v.numel() for v in weights.values())}
@@ -134,18 +137,15 @@ RERANKER_KIND = "tessera.reranker"
 def export_reranker(checkpoint_dir: str, out_uri: str, *, options: storage.StorageOptions | None = None) -> dict:
     """`reranker.safetensors` then `reranker.json` (shape, step, the last validation retrieval
     accuracy, config, and the tokenizer its captions were encoded with: sampling must use the same)."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from tessera.models.reranker import Reranker, RerankerShape
-    from tessera.training.common import CHECKPOINT_TAG, DATA_MANIFEST_FILE, EMA_FILE, STATE_FILE
+    from tessera.training.common import DATA_MANIFEST_FILE, STATE_FILE
 
     ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / STATE_FILE).read_text())
     shape = RerankerShape(**state["shape"])
-    if (ckpt / EMA_FILE).exists():
-        weights, source = load_file(str(ckpt / EMA_FILE)), "ema"
-    else:
-        weights, source = consolidated_state_dict(checkpoint_dir, CHECKPOINT_TAG), "trained"
+    weights, source = checkpoint_weights(checkpoint_dir)
     Reranker(shape).load_state_dict(weights)  # strict: the export is complete or it is not written
     meta = {"kind": RERANKER_KIND, "format_version": 1, "shape": shape.to_dict(), "step": state["step"],
             "weights": source, "num_parameters": sum(v.numel() for v in weights.values())}
