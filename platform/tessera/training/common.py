@@ -18,6 +18,7 @@ from tessera import storage
 from tessera.parallel import dist
 
 CHECKPOINT_TAG = "ds"
+HISTORY_FILE = "history.json"  # {"stage": ..., "rows": [{"step": ..., <metric>: ...}, ...]}: loss curves
 STATE_FILE = "tessera_state.json"
 EMA_FILE = "ema.safetensors"
 DATA_MANIFEST_FILE = "data_manifest.json"
@@ -109,6 +110,7 @@ class RayTrainIO:
         self.options = storage.StorageOptions.from_config(cfg.storage)
         self._artifacts_uri = artifacts_uri
         self._restored: tempfile.TemporaryDirectory | None = None
+        self._history: list[dict] | None = None
         self.shard = ray.train.get_dataset_shard("train")
         self.loader = cfg.loader.model_copy(update={"batch_size": micro_batch})
 
@@ -121,7 +123,26 @@ class RayTrainIO:
         from ray.train import Checkpoint
 
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        if dist.is_main():
+            self._record(metrics)
         self._train.report(metrics, checkpoint=ckpt)
+
+    def _record(self, metrics: dict) -> None:
+        """Rewrite {stage uri}/history.json with every report so far (Ray Train V2 keeps metrics
+        only with checkpoints). A resumed run drops the rows at or after its first new step."""
+        uri = storage.join(self._artifacts_uri, HISTORY_FILE)
+        if self._history is None:
+            try:
+                self._history = list(storage.read_json(uri, self.options)["rows"])
+            except (storage.StorageError, KeyError, TypeError):
+                self._history = []
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = row.get("step")
+        if step is None:
+            return
+        self._history = [r for r in self._history if r.get("step", -1) < step] + [row]
+        stage = self._artifacts_uri.rstrip("/").rsplit("/", 1)[-1]
+        storage.write_bytes(uri, json.dumps({"stage": stage, "rows": self._history}).encode(), self.options)
 
     def latest_checkpoint(self) -> str | None:
         ckpt = self._train.get_checkpoint()
