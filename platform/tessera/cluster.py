@@ -36,9 +36,13 @@ def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+        # (without it every training job logs "Failed to query Ray Train Controller actor state"
+        # every few seconds); loopback only, like the rest of a local Ray.
         ray.init(
             num_cpus=ray_cfg.num_cpus,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=log_to_driver,
             configure_logging=False,
         )
