@@ -347,6 +347,38 @@ class ExportConfig(Section):
     overwrite: bool = True  # replace a bundle already at output_uri (its manifest is removed first)
 
 
+class GenerateConfig(Section):
+    """jobs/generate.py: offline generation from a file of captions to a folder of PNGs."""
+
+    # A .txt (one caption per line), .jsonl ({"caption": ...} per line) or .parquet (a caption
+    # column) file, or a folder of them.
+    captions_uri: Uri | None = None
+    # PNGs under {output_uri}/{generation}/images/, index.jsonl beside them, manifest.json last;
+    # None: {run.root_uri}/generated
+    output_uri: Uri | None = None
+    bundle_uri: Uri | None = None  # the bundle to draw with (--bundle sets it); None: {run.root_uri}/bundle
+    n: int = Field(1, ge=1, le=64)  # images kept per caption
+    # Drawn per caption, the reranker's best n kept; None: n (no reranking).
+    candidates: int | None = Field(None, ge=1, le=64)
+    temperature: float = Field(1.0, ge=0, le=10)  # sampling temperature (0: argmax)
+    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens; None: all
+    top_p: float | None = Field(None, gt=0, le=1)  # nucleus sampling; None: off
+    guidance_scale: float = Field(1.0, ge=0, le=100)  # classifier-free guidance; 1: none
+    seed: int = Field(0, ge=0)  # base seed; line i's seed is a hash of (seed, i)
+    max_caption_chars: int = Field(1_000, ge=1)  # longer lines are skipped and counted
+    limit: int | None = Field(None, ge=1)  # only the first this many good captions
+    num_actors: int = Field(2, ge=1)  # generation actors, each holding the bundle
+    cpus_per_actor: float = Field(1.0, gt=0)  # also its torch threads (rounded down, at least 1)
+    batch_size: int = Field(16, ge=1)  # captions per sampler call in an actor
+    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+
+    @model_validator(mode="after")
+    def _candidates(self) -> GenerateConfig:
+        if self.candidates is not None and self.candidates < self.n:
+            raise ValueError(f"candidates ({self.candidates}) must be at least n ({self.n})")
+        return self
+
+
 class TesseraConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -359,6 +391,7 @@ class TesseraConfig(Section):
     prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     @property
     def data_uri(self) -> str:

@@ -1,0 +1,58 @@
+"""Offline batch generation: a file of captions -> a folder (or bucket prefix) of PNGs, on Ray Data.
+
+    python jobs/generate.py --config debug --set generate.captions_uri=captions.txt \
+        [--bundle URI] [--set generate.output_uri=s3://bucket/images --set generate.candidates=8]
+    ray job submit --working-dir . -- python jobs/generate.py --config jobs/configs/cluster.yaml ...
+
+Captions: .txt (one per line), .jsonl ({"caption": ...} per line) or .parquet (a caption column).
+Empty, over-long and unreadable lines are skipped and counted. Output: {generation}/images/
+IIIIIIII-R.png (line I, rank R), {generation}/index.jsonl (file -> caption, seed, score) and
+manifest.json, written last (it publishes the generation and retires the previous one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
+
+EXTRA = argparse.ArgumentParser(add_help=False)
+EXTRA.add_argument("--bundle", default=None, help="the bundle URI to generate with")
+
+
+def main(cfg) -> int:
+    from tessera import storage
+    from tessera.bundle import BundleError, read_manifest
+    from tessera.cluster import init_ray
+    from tessera.data.generate import generate_bundle_uri, generate_output_uri, run_generate, summarize
+
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    # Everything a user can get wrong fails here, before Ray starts.
+    if not cfg.generate.captions_uri:
+        print("error: generate.captions_uri: not set (--set generate.captions_uri=PATH_OR_URI)", file=sys.stderr)
+        return 2
+    try:
+        read_manifest(generate_bundle_uri(cfg), opts)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    storage.require_inputs(cfg.generate.captions_uri, opts, suffixes=(".txt", ".jsonl", ".parquet"))
+    storage.require_writable(generate_output_uri(cfg), opts)
+    init_ray(cfg.ray)
+    try:
+        manifest = run_generate(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summarize(manifest))
+    print(f"images: {storage.join(generate_output_uri(cfg), manifest['generation'], 'images')}")
+    return 0
+
+
+if __name__ == "__main__":
+    known, rest = EXTRA.parse_known_args()
+    if known.bundle:  # the URI as a YAML string, whatever characters it holds
+        rest += ["--set", f"generate.bundle_uri={json.dumps(known.bundle)}"]
+    sys.exit(job_main(main, description=__doc__, argv=rest))
