@@ -1,9 +1,15 @@
 """Evaluation: the canonical scene form (captions and attributes agree on it), the scoring rules
-on hand-built predictions, and the classifier's save/reuse plumbing."""
+on hand-built predictions, the classifier's save/reuse plumbing, and jobs/evaluate.py end to end
+on a tiny untrained bundle and a tiny prepared dataset."""
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import make_bundle
 
 from tessera.data import shapes
 from tessera.evaluation.scenes import (
@@ -18,6 +24,8 @@ from tessera.evaluation.scenes import (
     parse_caption,
     score_labels,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
@@ -108,3 +116,84 @@ def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path
     (tmp_path / "clf" / "classifier.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="classifier.safetensors"):
         load_classifier(uri, spec=spec)
+
+
+def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
+    """A prepared dataset as jobs/prepare.py publishes one (manifest + tar shards with png, txt and
+    json attributes), with one val sample whose caption contradicts its attributes."""
+    from tessera.data.tar import write_tar
+
+    gen = "gen-test"
+    splits = {}
+    for split, n, source_split in (("val", val, "train"), ("heldout", heldout, "heldout")):
+        samples = []
+        for i in range(n):
+            s = shapes.render_sample(i, seed=3, image_size=32, split=source_split)
+            caption = "a small red circle on the left" if (split == "val" and i == 1) else s.caption
+            samples.append((s.key, {"png": s.image_png, "txt": caption.encode(),
+                                    "json": json.dumps({"attributes": s.attributes}).encode()}))
+        rel = f"{gen}/{split}/shard-000000.tar"
+        (root / gen / split).mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(write_tar(samples))
+        splits[split] = {"num_samples": n, "shards": [{"path": rel, "num_samples": n}]}
+    manifest = {"kind": "tessera.prepared_dataset", "format_version": 1, "generation": gen,
+                "source": {"kind": "shapes", "uri": None}, "resolution": 32, "image_format": "png", "splits": splits,
+                "shapes": {"held_out": sorted(f"{c} {s}" for c, s in shapes.DEFAULT_HELD_OUT)}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def _job(name: str):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.integration
+def test_evaluate_job_on_a_tiny_bundle_writes_the_report(tmp_path, ray_cluster):
+    from tessera.config import load_config
+
+    bundle = make_bundle(tmp_path / "b")
+    data = make_prepared_data(tmp_path / "data")
+    run = tmp_path / "run"
+    (run / "dvae").mkdir(parents=True)
+    (run / "dvae" / "history.json").write_text(json.dumps(
+        {"stage": "dvae", "rows": [{"step": s, "loss": 1 / s, "val_psnr": 10 + s / 10} for s in (10, 20, 30)]}))
+    cfg = load_config("debug", [f"run.root_uri={run}", f"data.output_uri={data}", f"evaluate.bundle_uri={bundle}",
+                                "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.candidates=3",
+                                "evaluate.num_actors=1", "evaluate.batch_size=4", "evaluate.grid_captions=3",
+                                "evaluate.recon_images=8", "evaluate.prior_val_rows=8",
+                                "evaluate.classifier.width=4", "evaluate.classifier.steps=2",
+                                "evaluate.classifier.train_samples=32", "evaluate.classifier.test_samples=16",
+                                "evaluate.classifier.batch_size=8"])
+    assert _job("evaluate").main(cfg) == 0
+    out = run / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "grid_val.png", "grid_heldout.png",
+                                               "curves_dvae.png", "classifier"}
+    val, held = report["splits"]["val"], report["splits"]["heldout"]
+    assert val["captions"] == 6 and held["captions"] == 4
+    assert val["skipped"]["caption_mismatch"] == 1  # read past the bad sample, counted
+    for split in (val, held):
+        for mode in ("without_reranking", "with_reranking"):
+            m = split[mode]
+            assert set(m) >= {"caption_accuracy", "colour", "shape", "size", "layout", "count", "by_objects"}
+            assert 0 <= m["caption_accuracy"] <= 1
+        assert split["without_reranking"]["caption_accuracy"] <= split["any_candidate"]
+    assert held["novel_pairs"]["n"] >= 4  # every held-out caption names one novel pair
+    assert report["dvae"]["codebook_size"] == 128 and 0 < report["dvae"]["codebook_usage"] <= 1
+    assert report["prior"]["rows"] == 8 and report["prior"]["val_image_loss"] > 0
+    assert report["curves"]["dvae"]["reports"] == 3 and report["curves"]["prior"]["missing"]
+    assert report["classifier"]["trained_now"] and report["generation"]["images"] == 10 * 3
+    md = (out / "report.md").read_text()
+    assert "| val | 6 |" in md and "No history.json for: prior, reranker" in md
+    from PIL import Image
+
+    with Image.open(out / "grid_val.png") as im:
+        assert im.width >= 3 * 32 * 4 and im.height > 3 * 32 * 4  # 3 captions of 3 candidates, x4
+
+    # A second run reuses the classifier and rewrites the report.
+    assert _job("evaluate").main(cfg) == 0
+    assert not json.loads((out / "report.json").read_text())["classifier"]["trained_now"]

@@ -347,6 +347,61 @@ class ExportConfig(Section):
     overwrite: bool = True  # replace a bundle already at output_uri (its manifest is removed first)
 
 
+class ClassifierConfig(Section):
+    """The shapes attribute classifier evaluation scores images with (tessera.evaluation.classifier):
+    a small CNN trained on its own renders of every colour/shape pair, held-out ones included."""
+
+    width: int = Field(16, ge=4, le=256)  # channels of its full-resolution convs (doubled after each pooling)
+    hidden: int = Field(256, ge=16)  # width of its MLP head
+    # Scenes rendered for training (no held-out pair excluded).
+    train_samples: int = Field(12_000, ge=16)
+    # Fresh scenes (other seeds) it is measured on after training; the report gives the accuracy.
+    test_samples: int = Field(2_000, ge=16)
+    # Share rendered at twice the bundle's resolution and area-downsampled, as prepared data is.
+    double_fraction: float = Field(0.3, ge=0, le=1)
+    steps: int = Field(800, ge=1)  # AdamW steps, one-cycle learning rate
+    batch_size: int = Field(128, ge=2)  # renders per step
+    lr: float = Field(3e-3, gt=0)  # peak learning rate
+    seed: int = Field(1234, ge=0)  # training renders use it; test renders seed + 1 and + 2
+    # Light blur / noise / gain jitter, so it also reads the dVAE's decoded images.
+    augment: bool = True
+    # torch threads while training and scoring; None: torch's default.
+    threads: int | None = Field(None, ge=1)
+    # Where it is saved and found again (reused while the settings above match);
+    # None: {run.root_uri}/eval/classifier
+    uri: Uri | None = None
+    retrain: bool = False  # train again even when a matching classifier is saved
+
+
+class EvaluateConfig(Section):
+    """jobs/evaluate.py: a bundle's images for the shapes validation and held-out captions, read
+    back by the attribute classifier; dVAE reconstruction, prior loss and training curves."""
+
+    # The bundle to evaluate (jobs/evaluate.py --bundle sets it); None: {run.root_uri}/bundle.
+    bundle_uri: Uri | None = None
+    # report.json (written last), report.md, sample grids and curves; None: {run.root_uri}/eval
+    output_uri: Uri | None = None
+    num_captions: int = Field(256, ge=0)  # the first this many captions of the prepared val split
+    num_heldout: int = Field(256, ge=0)  # the first this many held-out captions (novel colour/shape pairs)
+    # Images drawn per caption: candidate 0 is "without reranking", the reranker's best of all is
+    # "with reranking" (the same draws).
+    candidates: int = Field(4, ge=1, le=64)
+    temperature: float = Field(1.0, ge=0, le=10)  # sampling temperature (0: argmax)
+    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens; None: all
+    top_p: float | None = Field(None, gt=0, le=1)  # nucleus sampling; None: off
+    guidance_scale: float = Field(1.0, ge=0, le=100)  # classifier-free guidance; 1: none
+    seed: int = Field(0, ge=0)  # base seed; caption i's seed is a hash of (seed, split, i)
+    num_actors: int = Field(2, ge=1)  # generation actors, each holding the bundle
+    cpus_per_actor: float = Field(1.0, gt=0)  # also its torch threads (rounded down, at least 1)
+    batch_size: int = Field(16, ge=1)  # captions per sampler call in an actor
+    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+    # Val images reconstructed by the dVAE (PSNR, codebook use, classifier accuracy on them).
+    recon_images: int = Field(256, ge=0)
+    prior_val_rows: int = Field(256, ge=0)  # val images (encoded by the bundle's dVAE) for the prior's image loss
+    grid_captions: int = Field(8, ge=0)  # captions per sample grid (val and held-out)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+
+
 class GenerateConfig(Section):
     """jobs/generate.py: offline generation from a file of captions to a folder of PNGs."""
 
@@ -391,6 +446,7 @@ class TesseraConfig(Section):
     prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     @property

@@ -1,0 +1,361 @@
+"""The evaluate job's work: how well a bundle draws what the shapes captions say.
+
+    prepared val / held-out splits (first N each: caption + ground-truth attributes + image)
+    ─▶ attribute classifier (reused from {run}/eval/classifier when its spec matches, else trained)
+    ─▶ M candidates per caption on Ray Data (tessera.data.generate), ranked by the reranker
+    ─▶ classifier labels per candidate ─▶ caption / attribute accuracy without reranking
+       (candidate 0) and with it (the reranker's best), per split and object count
+    ─▶ dVAE reconstruction PSNR, codebook use, classifier on reconstructions (its ceiling);
+       prior image loss on val images encoded by the bundle's own dVAE; training curves
+    ─▶ grids + curves PNGs, report.md, report.json (last: its presence marks a finished evaluation)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tessera import storage
+from tessera.evaluation import report as draw
+from tessera.evaluation.classifier import ClassifierSpec, ensure_classifier, to_input
+from tessera.evaluation.scenes import (
+    canonical_scene,
+    caption_correct,
+    pair_accuracy,
+    parse_caption,
+    score_labels,
+)
+
+log = logging.getLogger("tessera.evaluate")
+
+REPORT = "report.json"
+KIND = "tessera.evaluation"
+STAGES = ("dvae", "prior", "reranker")
+# Why a prepared sample is not evaluated.
+SKIP_REASONS = {
+    "missing_field": "the sample lacks its image or caption",
+    "bad_attributes": "its JSON holds no readable shapes attributes",
+    "caption_mismatch": "its caption does not say what its attributes do",
+    "undecodable_image": "the image bytes do not decode",
+}
+
+
+def output_uri(cfg) -> str:
+    return cfg.evaluate.output_uri or storage.join(cfg.run.root_uri, "eval")
+
+
+def classifier_uri(cfg) -> str:
+    return cfg.evaluate.classifier.uri or storage.join(cfg.run.root_uri, "eval", "classifier")
+
+
+def bundle_uri(cfg) -> str:
+    return cfg.evaluate.bundle_uri or cfg.bundle_uri
+
+
+def classifier_spec(cfg, image_size: int) -> ClassifierSpec:
+    c = cfg.evaluate.classifier
+    return ClassifierSpec(image_size=image_size, width=c.width, hidden=c.hidden, train_samples=c.train_samples,
+                          steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
+                          double_fraction=c.double_fraction, augment=c.augment, test_samples=c.test_samples)
+
+
+@dataclass
+class Split:
+    name: str
+    captions: list[str] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)  # (NUM_LABELS,) each
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W, 3) each
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+
+def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=None) -> Split:
+    """The first `limit` usable samples of a prepared split, in shard order; ground truth from each
+    sample's JSON attributes (checked against its caption), bad samples skipped and counted."""
+    from PIL import Image
+
+    from tessera.data.pipeline import shard_uris
+    from tessera.data.tar import TarReadResult, iter_tar_samples
+
+    out = Split(split)
+    if limit <= 0:
+        return out
+    ext = manifest["image_format"]
+    for uri in shard_uris(data_uri, manifest, split):
+        for s in iter_tar_samples(io.BytesIO(storage.read_bytes(uri, options)), TarReadResult()):
+            if ext not in s.files or "txt" not in s.files:
+                out.skipped["missing_field"] += 1
+                continue
+            caption = s.files["txt"].decode("utf-8", errors="replace").strip()
+            try:
+                scene = canonical_scene(json.loads(s.files["json"])["attributes"])
+            except (KeyError, TypeError, ValueError):
+                out.skipped["bad_attributes"] += 1
+                continue
+            try:
+                if parse_caption(caption) != scene:
+                    raise ValueError
+            except ValueError:
+                out.skipped["caption_mismatch"] += 1
+                continue
+            try:
+                with Image.open(io.BytesIO(s.files[ext])) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except Exception:  # PIL raises many types for damaged bytes
+                out.skipped["undecodable_image"] += 1
+                continue
+            out.captions.append(caption)
+            out.labels.append(scene.labels())
+            out.images.append(image)
+            if len(out.captions) >= limit:
+                return out
+    return out
+
+
+@torch.no_grad()
+def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray], classifier) -> tuple[dict, torch.Tensor]:
+    """PSNR of decode(encode(x)), codebook use, and the classifier on the reconstructions; also
+    the tokens (B, G, G) for the prior's loss."""
+    from tessera.models.dvae import codebook_usage, psnr
+
+    x = to_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
+    tokens = torch.cat([dvae.encode(x[s:s + 256]) for s in range(0, len(x), 256)])
+    recon = torch.cat([dvae.decode(tokens[s:s + 256]) for s in range(0, len(x), 256)])
+    perplexity, used = codebook_usage(tokens, dvae.shape.num_tokens)
+    recon_u8 = (recon.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    acc = score_labels(classifier.predict(recon_u8), np.stack(labels))
+    return {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3), "codebook_size": dvae.shape.num_tokens,
+            "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2),
+            "classifier_on_reconstructions": acc}, tokens
+
+
+@torch.no_grad()
+def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: int = 64) -> dict:
+    """Image loss per token (nats) of the bundle's prior on val images as its own dVAE encodes
+    them, with their captions and with the captions dropped."""
+    prior = bundle.prior
+    ids, mask = bundle.tokenizer.encode(captions, text_len=prior.shape.text_len)
+    ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask)
+    image = tokens.flatten(1)
+    sums = {"val_image_loss": 0.0, "val_image_loss_uncond": 0.0}
+    for s in range(0, len(ids), batch):
+        sl, k = slice(s, s + batch), len(ids[s:s + batch])
+        sums["val_image_loss"] += float(prior(ids[sl], mask[sl], image[sl])["image_loss"]) * k
+        sums["val_image_loss_uncond"] += float(prior(ids[sl], torch.zeros_like(mask[sl]), image[sl])["image_loss"]) * k
+    return {"rows": len(ids), "source": "val images encoded by the bundle's dVAE",
+            **{k: round(v / len(ids), 4) for k, v in sums.items()}}
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_generations(split: Split, rows: list[dict], classifier, candidates: int, held_out: set) -> tuple[dict, dict]:
+    """(figures, per-caption arrays) for one split's generated rows (one per candidate)."""
+    n, m = len(split.captions), candidates
+    images = np.zeros((n, m, *_decode_png(rows[0]["png"]).shape), np.uint8) if rows else None
+    ranks = np.tile(np.arange(m), (n, 1))
+    scores = np.full((n, m), np.nan)
+    for r in rows:
+        i, j = r["index"], r["candidate"]
+        images[i, j], ranks[i, j] = _decode_png(r["png"]), r["rank"]
+        scores[i, j] = np.nan if r["score"] is None else r["score"]
+    target = np.stack(split.labels)  # (N, NUM_LABELS)
+    predicted = classifier.predict(images.reshape(n * m, *images.shape[2:])).reshape(n, m, -1)
+    correct = caption_correct(predicted.reshape(n * m, -1), np.repeat(target, m, axis=0)).reshape(n, m)
+    best = ranks.argmin(axis=1)  # (N,) the reranker's pick
+    first, picked = predicted[:, 0], predicted[np.arange(n), best]
+    figures = {"captions": n, "without_reranking": score_labels(first, target),
+               "with_reranking": score_labels(picked, target),
+               "any_candidate": float(correct.any(axis=1).mean()), "mean_candidate": float(correct.mean())}
+    if held_out and split.name == "heldout":
+        novel = pair_accuracy(first, target, held_out)
+        novel["colour_and_shape_reranked"] = pair_accuracy(picked, target, held_out)["colour_and_shape"]
+        figures["novel_pairs"] = novel
+    return figures, {"images": images, "ranks": ranks, "scores": scores, "correct": correct}
+
+
+def grid_rows(split: Split, arrays: dict, k: int) -> list[dict]:
+    out = []
+    for i in range(min(k, len(split.captions))):
+        order = np.argsort(arrays["ranks"][i], kind="stable")
+        out.append({"caption": split.captions[i], "images": [arrays["images"][i, j] for j in order],
+                    "candidates": [int(j) for j in order], "correct": [bool(arrays["correct"][i, j]) for j in order],
+                    "scores": [None if np.isnan(arrays["scores"][i, j]) else float(arrays["scores"][i, j]) for j in order]})
+    return out
+
+
+def stage_uris(cfg) -> dict[str, str]:
+    return {"dvae": cfg.dvae_uri, "prior": cfg.prior_uri, "reranker": cfg.reranker_uri}
+
+
+def run_evaluate(cfg, bundle: str | None = None) -> dict:
+    """Evaluate the bundle at `bundle` (default: evaluate.bundle_uri, else the run's bundle) on
+    the current Ray cluster; returns report.json's contents."""
+    from tessera.bundle import load_bundle
+    from tessera.cluster import code_version
+    from tessera.data import generate
+    from tessera.data.pipeline import load_manifest
+
+    started = time.time()
+    e, opts = cfg.evaluate, storage.StorageOptions.from_config(cfg.storage)
+    uri, out_uri = bundle or bundle_uri(cfg), output_uri(cfg)
+    b = load_bundle(uri, options=opts)
+    data = load_manifest(cfg.data_uri, opts)
+    if data["source"]["kind"] != "shapes":
+        raise ValueError(f"{cfg.data_uri}: evaluation scores shapes captions; this dataset's source is "
+                         f"{data['source']['kind']!r}")
+    held_out = {tuple(p.split()) for p in (data.get("shapes") or {}).get("held_out", [])}
+    storage.require_writable(out_uri, opts)
+    if storage.exists(storage.join(out_uri, REPORT), opts):  # a rerun is unfinished until its report is back
+        fs, path = storage.resolve(storage.join(out_uri, REPORT), opts)
+        fs.delete_file(path)
+    if e.classifier.threads:
+        torch.set_num_threads(e.classifier.threads)
+
+    splits = {"val": read_split(cfg.data_uri, data, "val", max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
+              "heldout": read_split(cfg.data_uri, data, "heldout", e.num_heldout, opts) if "heldout" in data["splits"]
+              else Split("heldout")}
+    log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions), len(splits["heldout"].captions),
+             cfg.data_uri)
+
+    t0 = time.time()
+    spec = classifier_spec(cfg, b.resolution)
+    classifier, cmeta, trained = ensure_classifier(spec, classifier_uri(cfg), options=opts, retrain=e.classifier.retrain)
+    log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
+             time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
+
+    val = splits["val"]
+    recon = val.images[: e.recon_images]
+    dvae, tokens = dvae_figures(b.dvae, recon, val.labels[: len(recon)], classifier) if recon else ({}, None)
+    k = min(e.prior_val_rows, len(recon))
+    prior = prior_figures(b, val.captions[:k], tokens[:k]) if k else {}
+    history = _history_value(cfg, opts, "prior", "val_image_loss")
+    if history is not None:
+        prior["history_val_image_loss"] = history
+
+    # Generation: every candidate of every caption, ranked, as rows with PNG bytes.
+    sampling = generate.Sampling(candidates=e.candidates, keep=e.candidates, temperature=e.temperature, top_k=e.top_k,
+                                 top_p=e.top_p, guidance_scale=e.guidance_scale, seed=e.seed)
+    todo = {"val": e.num_captions, "heldout": e.num_heldout}
+    items = [{"caption": c, "index": i, "seed": generate.caption_seed(e.seed, i, stream), "split": name}
+             for stream, name in enumerate(("val", "heldout")) for i, c in enumerate(splits[name].captions[: todo[name]])]
+    for name in todo:
+        splits[name] = Split(name, splits[name].captions[: todo[name]], splits[name].labels[: todo[name]],
+                             splits[name].images[: todo[name]], splits[name].skipped)
+    use_gpu = e.use_gpu if e.use_gpu is not None else _cluster_has_gpus()
+    t0 = time.time()
+    log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items), e.num_actors)
+    rows = generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=e.batch_size,
+                                    num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, use_gpu=use_gpu)
+    gen_seconds = time.time() - t0
+    by_split: dict[str, list[dict]] = {"val": [], "heldout": []}
+    for r in rows:
+        by_split[str(r["split"])].append(r)
+
+    report: dict = {"kind": KIND, "format_version": 1,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "code_version": code_version(),
+                    "bundle": {"uri": uri, "name": b.name, "resolution": b.resolution, "has_reranker": b.reranker is not None,
+                               "steps": {p: m.get("step") for p, m in b.manifest["parts"].items()}},
+                    "data": {"uri": cfg.data_uri, "generation": data["generation"], "held_out": sorted(" ".join(p) for p in held_out)},
+                    "settings": e.model_dump(mode="json", exclude={"classifier"}), "splits": {}, "notes": []}
+    if b.reranker is None and e.candidates > 1:
+        report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
+    files: dict[str, list[str]] = {"grids": [], "curves": []}
+    for name, split in splits.items():
+        if not split.captions:
+            continue
+        figures, arrays = score_generations(split, by_split[name], classifier, e.candidates, held_out)
+        figures["skipped"] = split.skipped
+        report["splits"][name] = figures
+        if e.grid_captions:
+            png = draw.sample_grid_png(grid_rows(split, arrays, e.grid_captions), title=f"{b.name}: {name} captions")
+            storage.write_bytes(storage.join(out_uri, f"grid_{name}.png"), png, opts)
+            files["grids"].append(f"grid_{name}.png")
+
+    report["curves"] = {}
+    for stage, stage_uri in stage_uris(cfg).items():
+        rows_ = _history_rows(stage_uri, opts)
+        png = draw.curves_png(stage, rows_) if rows_ else None
+        if png is None:
+            report["curves"][stage] = {"missing": True, "uri": storage.join(stage_uri, "history.json")}
+            continue
+        storage.write_bytes(storage.join(out_uri, f"curves_{stage}.png"), png, opts)
+        files["curves"].append(f"curves_{stage}.png")
+        report["curves"][stage] = {"reports": len(rows_), "last": rows_[-1]}
+
+    report["classifier"] = {"uri": classifier_uri(cfg), "trained_now": trained, "spec": cmeta["spec"],
+                            "train_seconds": cmeta.get("train_seconds"),
+                            "real": cmeta["accuracy"]["real"]["caption_accuracy"],
+                            "real_2x": cmeta["accuracy"]["real_2x"]["caption_accuracy"],
+                            "val_real": score_labels(classifier.predict(np.stack(val.images)), np.stack(val.labels))["caption_accuracy"]
+                            if val.images else None,
+                            "val_reconstruction": (dvae.get("classifier_on_reconstructions") or {}).get("caption_accuracy"),
+                            "renders": cmeta["accuracy"]}
+    report["dvae"], report["prior"] = dvae, prior
+    n_images = len(rows)
+    report["generation"] = {"images": n_images, "seconds": round(gen_seconds, 1),
+                            "images_per_s": round(n_images / gen_seconds, 2) if gen_seconds > 0 else None}
+    report["files"] = files
+    report["wall_time_s"] = round(time.time() - started, 1)
+    storage.write_text(storage.join(out_uri, "report.md"), draw.markdown(report), opts)
+    storage.write_json(storage.join(out_uri, REPORT), report, opts)
+    return report
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _history_rows(stage_uri: str, opts) -> list[dict]:
+    uri = storage.join(stage_uri, "history.json")
+    try:
+        rows = storage.read_json(uri, opts).get("rows") if storage.exists(uri, opts) else None
+    except (storage.StorageError, AttributeError):
+        log.warning("%s: unreadable; its curves are left out", uri)
+        return []
+    return [r for r in rows or [] if isinstance(r, dict)]
+
+
+def _history_value(cfg, opts, stage: str, key: str) -> float | None:
+    """The last value of `key` a stage's history.json recorded."""
+    for row in reversed(_history_rows(stage_uris(cfg)[stage], opts)):
+        if isinstance(row.get(key), (int, float)):
+            return float(row[key])
+    return None
+
+
+def summarize(report: dict) -> str:
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    lines = [f"evaluation of {report['bundle']['name']} ({report['bundle']['uri']}) in {report['wall_time_s']:.0f} s"]
+    for name, s in report["splits"].items():
+        wo, w = s["without_reranking"], s["with_reranking"]
+        lines.append(f"  {name:8s} {s['captions']:4d} captions: caption accuracy {pct(wo['caption_accuracy'])} without "
+                     f"reranking, {pct(w['caption_accuracy'])} with (best of {report['settings']['candidates']}); "
+                     f"any candidate {pct(s['any_candidate'])}; colour/shape/size/layout "
+                     f"{pct(w['colour'])}/{pct(w['shape'])}/{pct(w['size'])}/{pct(w['layout'])} reranked")
+        if "novel_pairs" in s:
+            lines.append(f"           held-out pairs drawn right: {pct(s['novel_pairs']['colour_and_shape'])} "
+                         f"({pct(s['novel_pairs']['colour_and_shape_reranked'])} reranked) of {s['novel_pairs']['n']}")
+    c, d, p = report["classifier"], report["dvae"], report["prior"]
+    lines.append(f"  classifier: {pct(c['real'])} on fresh renders, {pct(c['val_real'])} on val images, "
+                 f"{pct(c['val_reconstruction'])} on their dVAE reconstructions (the ceiling)")
+    if d:
+        lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR, {pct(d['codebook_usage'])} of {d['codebook_size']} codes used")
+    if p:
+        lines.append(f"  prior: val image loss {p['val_image_loss']:.3f} nats/token ({p['val_image_loss_uncond']:.3f} without captions)")
+    g = report["generation"]
+    lines.append(f"  generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']}/s)")
+    return "\n".join(lines)
