@@ -144,10 +144,14 @@ def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
 
 
 def _job(name: str):
+    """jobs/{name}.py as a module (its `from _common import ...` needs jobs/ on the path while it loads)."""
     sys.path.insert(0, str(ROOT / "jobs"))
-    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
     return module
 
 

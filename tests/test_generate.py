@@ -72,10 +72,13 @@ def _generate_job():
     from pathlib import Path
 
     jobs = Path(__file__).resolve().parents[1] / "jobs"
-    sys.path.insert(0, str(jobs))
-    spec = importlib.util.spec_from_file_location("generate_job", jobs / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(jobs))  # for its `from _common import ...`, while it loads
+    try:
+        spec = importlib.util.spec_from_file_location("generate_job", jobs / "generate.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(jobs))
     return module
 
 

@@ -291,10 +291,11 @@ def run_generate(cfg) -> dict:
         "bundle": {"uri": bundle_uri, "name": bundle["name"], "resolution": bundle["resolution"]},
         "captions": {"uri": g.captions_uri, "lines": len(captions) + sum(skipped.values()), "used": len(captions),
                      "skipped": skipped, "skip_reasons": SKIP_REASONS},
-        "sampling": asdict(sampling), "images": len(rows),
+        "sampling": asdict(sampling), "images": len(rows), "images_drawn": len(captions) * sampling.candidates,
         "seed_rule": "caption line i is seeded s = caption_seed(seed, i); its candidate j drew with s*1000 + j",
         "wall_time_s": round(time.time() - started, 2),
-        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,  # kept images
+        "drawn_per_s": round(len(captions) * sampling.candidates / seconds, 2) if seconds > 0 else None,
         "config": cfg.generate.model_dump(mode="json"),
     }
     published.publish(out, manifest, opts, old)
@@ -306,6 +307,6 @@ def summarize(manifest: dict) -> str:
     bad = {k: v for k, v in c["skipped"].items() if v}
     return (f"generated {manifest['images']} images for {c['used']} captions with {manifest['bundle']['name']} "
             f"({manifest['sampling']['candidates']} drawn, {manifest['sampling']['keep']} kept per caption) in "
-            f"{manifest['wall_time_s']:.1f} s ({manifest['images_per_s']} images/s)\n"
+            f"{manifest['wall_time_s']:.1f} s ({manifest['drawn_per_s']} drawn/s)\n"
             f"  skipped lines: {json.dumps(bad) if bad else 'none'}\n"
             f"  index: {manifest['index']}")
