@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-compression bench-serve lint clean lock
+.PHONY: setup demo test test-all bench bench-compression bench-serve lint docs clean lock
 
 setup: $(STAMP)
 
@@ -20,15 +20,23 @@ $(STAMP): pyproject.toml requirements/base.txt requirements/dev.txt requirements
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -r requirements/dev.txt -c requirements/constraints.txt
 	$(PIP) install --quiet --no-deps -e .
+	@# DeepSpeed's CPU collectives op is compiled on first use (~40 s, g++ + ninja): build it now,
+	@# with the packages, not inside the first training job (cached in ~/.cache/torch_extensions).
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null
 	touch $(STAMP)
 
 DEMO := --config jobs/configs/debug.yaml --set run.root_uri=runs/demo
+DEMO_SERVE ?= 1
 
+# Every stage on the debug preset into runs/demo (a rerun skips finished stages), then serve the
+# bundle on 127.0.0.1:8000 until Ctrl-C; DEMO_SERVE=0 stops after the evaluation report.
 demo: setup
-	$(PY) jobs/prepare.py $(DEMO)
-	$(PY) jobs/train_dvae.py $(DEMO)
-	$(PY) jobs/encode.py $(DEMO)
-	$(PY) jobs/train_prior.py $(DEMO)
+	$(PY) jobs/pipeline.py $(DEMO)
+ifneq ($(DEMO_SERVE),0)
+	@echo "serving runs/demo/bundle (serve/config.yaml): web page http://127.0.0.1:8000/ ," \
+	      "API http://127.0.0.1:8000/v1/images/generations ; Ctrl-C stops it"
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/serve run serve/config.yaml
+endif
 
 test: setup
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
@@ -47,6 +55,10 @@ bench-compression: setup
 # Needs the model bundle (runs/demo/bundle); ~2 min: a burst of HTTP requests, autoscaling 1 -> 2 -> 1.
 bench-serve: setup
 	$(PY) bench/serve_load.py --bundle runs/demo/bundle
+
+# docs/config.md is generated from the config models (a test checks it is current).
+docs: setup
+	$(PY) -m tessera.config_reference > docs/config.md
 
 lint: setup
 	$(VENV)/bin/ruff check platform jobs tests bench serve

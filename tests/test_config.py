@@ -93,3 +93,17 @@ def test_prior_paths_default_under_the_run_root(tmp_path):
     assert cfg.prior_uri == f"{tmp_path}/prior"
     other = load_config("debug", [f"run.root_uri={tmp_path}", "prior.tokens_uri=s3://b/t"])
     assert other.prior_tokens_uri == "s3://b/t"
+
+
+def test_config_reference_is_generated_from_the_models_and_current():
+    from pathlib import Path
+
+    from tessera.config_reference import reference_markdown
+
+    text = reference_markdown()
+    # Every leaf field of every section appears under its dotted path.
+    for path in ("data.source.shapes.num_samples", "prior.grad_comm.powersgd.rank", "export.output_uri",
+                 "reranker.val_pairs", "storage.endpoint_url"):
+        assert f"| `{path}` |" in text, path
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == text, "docs/config.md is stale: run `make docs`"

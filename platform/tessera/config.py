@@ -339,8 +339,8 @@ class EncodeConfig(Section):
 class ExportConfig(Section):
     """jobs/export.py: the model bundle serving and generation load."""
 
+    # The `model` id the HTTP API answers to; default: "tessera-{run.name}".
     name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-    # default: "tessera-{run.name}"; the `model` id the HTTP API answers to
     output_uri: Uri | None = None  # default: {run.root_uri}/bundle
     prior_uri: Uri | None = None  # the prior's export; default: {prior uri}/export
     include_reranker: bool = True  # when the reranker's export exists
