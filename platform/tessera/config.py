@@ -365,6 +365,10 @@ class ClassifierConfig(Section):
     seed: int = Field(1234, ge=0)  # training renders use it; test renders seed + 1 and + 2
     # Light blur / noise / gain jitter, so it also reads the dVAE's decoded images.
     augment: bool = True
+    # Share of training batches shown through the evaluated bundle's dVAE (decode(encode(render))),
+    # so it reads that decoder's colours and edges as well as the renders; 0: renders only. Its
+    # accuracy on renders is reported either way.
+    recon_fraction: float = Field(0.0, ge=0, le=1)
     # torch threads while training and scoring; None: torch's default.
     threads: int | None = Field(None, ge=1)
     # Where it is saved and found again (reused while the settings above match);

@@ -52,6 +52,11 @@ class ClassifierSpec:
     double_fraction: float = 0.3  # share rendered at 2x image_size and area-downsampled
     augment: bool = True
     test_samples: int = 2000
+    # Share of training batches shown as the evaluated dVAE reconstructs them (decode(encode(x))
+    # of the same renders), so the classifier reads that decoder's colours and edges; 0: renders
+    # only. The dVAE is part of the spec through its weights' digest.
+    recon_fraction: float = 0.0
+    dvae_sha256: str = ""
     # Bumped whenever the renders, the network or the augmentation change, so a classifier saved
     # by other code is trained again rather than reused.
     recipe: int = 2
@@ -159,15 +164,27 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_classifier(spec: ClassifierSpec, *, report_every: int = 100) -> tuple[AttributeClassifier, dict]:
+def reconstruct(dvae, x: torch.Tensor, *, batch: int = 512) -> torch.Tensor:
+    """decode(encode(x)) of float (N, 3, S, S) in [0, 1], quantised to 8 bits as a PNG would be."""
+    with torch.no_grad():
+        out = torch.cat([dvae.decode(dvae.encode(x[i:i + batch])) for i in range(0, len(x), batch)])
+    return out.clamp(0, 1).mul(255).round().div(255)
+
+
+def train_classifier(spec: ClassifierSpec, *, dvae=None, report_every: int = 100) -> tuple[AttributeClassifier, dict]:
     """Render, train, and measure on fresh renders (other seeds); returns the model (eval mode)
-    and {"train_seconds", "render_seconds", "accuracy": {"real", "real_2x"}, ...}."""
+    and {"train_seconds", "render_seconds", "accuracy": {"real", "real_2x"}, ...}. With
+    spec.recon_fraction > 0, `dvae` (the one spec.dvae_sha256 names) reconstructs the renders."""
     started = time.time()
     torch.manual_seed(spec.seed)
     images, labels = render_scenes(spec.train_samples, seed=spec.seed, image_size=spec.image_size,
                                    double_fraction=spec.double_fraction)
     x_all = to_input(images, spec.image_size)  # (N, 3, S, S)
     y_all = torch.from_numpy(labels)
+    if spec.recon_fraction > 0:
+        if dvae is None:
+            raise ValueError("recon_fraction > 0 needs the dVAE whose reconstructions the classifier learns")
+        r_all = reconstruct(dvae, x_all)
     rendered = time.time() - started
     model = AttributeClassifier(spec).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
@@ -176,7 +193,11 @@ def train_classifier(spec: ClassifierSpec, *, report_every: int = 100) -> tuple[
     t0, window = time.time(), []
     for step in range(1, spec.steps + 1):
         idx = torch.randint(0, len(x_all), (spec.batch_size,), generator=g)
-        x = augment(x_all[idx], g) if spec.augment else x_all[idx]
+        x = x_all[idx]
+        if spec.recon_fraction > 0:
+            use = torch.rand(len(idx), generator=g) < spec.recon_fraction
+            x = torch.where(use[:, None, None, None], r_all[idx], x)
+        x = augment(x, g) if spec.augment else x
         loss = model.loss(x, y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,12 +270,12 @@ def load_classifier(uri: str, *, spec: ClassifierSpec | None = None,
 
 
 def ensure_classifier(spec: ClassifierSpec, uri: str, *, options: storage.StorageOptions | None = None,
-                      retrain: bool = False) -> tuple[AttributeClassifier, dict, bool]:
+                      retrain: bool = False, dvae=None) -> tuple[AttributeClassifier, dict, bool]:
     """The classifier saved at uri when its spec matches, else a freshly trained and saved one.
     Returns (model, meta, trained_now)."""
     if not retrain:
         found = load_classifier(uri, spec=spec, options=options)
         if found is not None:
             return found[0], found[1], False
-    model, info = train_classifier(spec)
+    model, info = train_classifier(spec, dvae=dvae)
     return model, save_classifier(model, info, uri, options=options), True

@@ -158,6 +158,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {label} | {_pct(c[key])} |")
     lines.append(f"\n{'Trained in ' + format(c['train_seconds'], '.0f') + ' s' if c.get('trained_now') else 'Reused'} "
                  f"from `{c['uri']}`.")
+    mix = float((c.get("spec") or {}).get("recon_fraction") or 0)
+    through = (f" and, in {mix:.0%} of its batches, on the same renders as this bundle's dVAE reconstructs them "
+               "(so it also reads that decoder's colours and edges)") if mix else ""
+    lines.append(f"Trained on renders of every colour/shape pair{through}.")
     d, p = report.get("dvae") or {}, report.get("prior") or {}
     lines += ["", "## Models", "", "| figure | value |", "|---|---:|"]
     if d.get("psnr_db") is not None:

@@ -58,11 +58,12 @@ def bundle_uri(cfg) -> str:
     return cfg.evaluate.bundle_uri or cfg.bundle_uri
 
 
-def classifier_spec(cfg, image_size: int) -> ClassifierSpec:
+def classifier_spec(cfg, image_size: int, dvae_sha256: str = "") -> ClassifierSpec:
     c = cfg.evaluate.classifier
     return ClassifierSpec(image_size=image_size, width=c.width, hidden=c.hidden, train_samples=c.train_samples,
                           steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
-                          double_fraction=c.double_fraction, augment=c.augment, test_samples=c.test_samples)
+                          double_fraction=c.double_fraction, augment=c.augment, test_samples=c.test_samples,
+                          recon_fraction=c.recon_fraction, dvae_sha256=dvae_sha256 if c.recon_fraction > 0 else "")
 
 
 @dataclass
@@ -228,8 +229,10 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
              cfg.data_uri)
 
     t0 = time.time()
-    spec = classifier_spec(cfg, b.resolution)
-    classifier, cmeta, trained = ensure_classifier(spec, classifier_uri(cfg), options=opts, retrain=e.classifier.retrain)
+    dvae_digest = b.manifest["files"].get("dvae.safetensors", {}).get("sha256", "")
+    spec = classifier_spec(cfg, b.resolution, dvae_digest)
+    classifier, cmeta, trained = ensure_classifier(spec, classifier_uri(cfg), options=opts, retrain=e.classifier.retrain,
+                                                   dvae=b.dvae)
     log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
              time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
 
