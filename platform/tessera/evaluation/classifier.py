@@ -57,6 +57,8 @@ class ClassifierSpec:
     # only. The dVAE is part of the spec through its weights' digest.
     recon_fraction: float = 0.0
     dvae_sha256: str = ""
+    # Objects per scene it is trained and measured on, up to: the prepared data's max_objects.
+    max_objects: int = 3
     # Bumped whenever the renders, the network or the augmentation change, so a classifier saved
     # by other code is trained again rather than reused.
     recipe: int = 2
@@ -122,7 +124,7 @@ def to_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 
 
 def render_scenes(n: int, *, seed: int, image_size: int, double_fraction: float = 0.0,
-                  start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  start: int = 0, max_objects: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """n shapes scenes with no held-out pair excluded: uint8 images (n, S, S, 3) and labels
     (n, NUM_LABELS). A `double_fraction` share is rendered at 2S and 2x2-averaged."""
     import io
@@ -134,7 +136,7 @@ def render_scenes(n: int, *, seed: int, image_size: int, double_fraction: float 
     doubled = np.random.default_rng([seed, 7]).random(n) < double_fraction
     for i in range(n):
         size = image_size * (2 if doubled[i] else 1)
-        s = shapes.render_sample(start + i, seed=seed, image_size=size, held_out=())
+        s = shapes.render_sample(start + i, seed=seed, image_size=size, held_out=(), max_objects=max_objects)
         with Image.open(io.BytesIO(s.image_png)) as im:
             a = np.asarray(im.convert("RGB"))
         if doubled[i]:
@@ -178,7 +180,7 @@ def train_classifier(spec: ClassifierSpec, *, dvae=None, report_every: int = 100
     started = time.time()
     torch.manual_seed(spec.seed)
     images, labels = render_scenes(spec.train_samples, seed=spec.seed, image_size=spec.image_size,
-                                   double_fraction=spec.double_fraction)
+                                   double_fraction=spec.double_fraction, max_objects=spec.max_objects)
     x_all = to_input(images, spec.image_size)  # (N, 3, S, S)
     y_all = torch.from_numpy(labels)
     if spec.recon_fraction > 0:
@@ -221,7 +223,8 @@ def measure_on_renders(model: AttributeClassifier, spec: ClassifierSpec) -> dict
     classifier's size ("real") and at 2x, area-downsampled ("real_2x")."""
     out = {}
     for name, frac, seed in (("real", 0.0, spec.seed + 1), ("real_2x", 1.0, spec.seed + 2)):
-        images, labels = render_scenes(spec.test_samples, seed=seed, image_size=spec.image_size, double_fraction=frac)
+        images, labels = render_scenes(spec.test_samples, seed=seed, image_size=spec.image_size, double_fraction=frac,
+                                       max_objects=spec.max_objects)
         out[name] = score_labels(model.predict(images), labels)
     return out
 

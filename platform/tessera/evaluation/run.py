@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tessera import storage
+from tessera.data import shapes
 from tessera.evaluation import report as draw
 from tessera.evaluation.classifier import ClassifierSpec, ensure_classifier, to_input
 from tessera.evaluation.scenes import (
@@ -58,12 +59,13 @@ def bundle_uri(cfg) -> str:
     return cfg.evaluate.bundle_uri or cfg.bundle_uri
 
 
-def classifier_spec(cfg, image_size: int, dvae_sha256: str = "") -> ClassifierSpec:
+def classifier_spec(cfg, image_size: int, dvae_sha256: str = "", max_objects: int = 3) -> ClassifierSpec:
     c = cfg.evaluate.classifier
     return ClassifierSpec(image_size=image_size, width=c.width, hidden=c.hidden, train_samples=c.train_samples,
                           steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
                           double_fraction=c.double_fraction, augment=c.augment, test_samples=c.test_samples,
-                          recon_fraction=c.recon_fraction, dvae_sha256=dvae_sha256 if c.recon_fraction > 0 else "")
+                          recon_fraction=c.recon_fraction, dvae_sha256=dvae_sha256 if c.recon_fraction > 0 else "",
+                          max_objects=max_objects)
 
 
 @dataclass
@@ -230,7 +232,10 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
 
     t0 = time.time()
     dvae_digest = b.manifest["files"].get("dvae.safetensors", {}).get("sha256", "")
-    spec = classifier_spec(cfg, b.resolution, dvae_digest)
+    # Scenes like the prepared data's: its shapes config says how many objects an image holds.
+    max_objects = int(((data.get("config") or {}).get("data") or {}).get("source", {}).get("shapes", {})
+                      .get("max_objects") or shapes.MAX_OBJECTS)
+    spec = classifier_spec(cfg, b.resolution, dvae_digest, max_objects)
     classifier, cmeta, trained = ensure_classifier(spec, classifier_uri(cfg), options=opts, retrain=e.classifier.retrain,
                                                    dvae=b.dvae)
     log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
