@@ -7,6 +7,7 @@ before any work starts; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def job_main(main, *, description: str | None = None, argv: list[str] | None = N
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def bundle_job_main(main, *, section: str, description: str | None = None) -> int:
+    """job_main for a job that also takes `--bundle URI`: it sets {section}.bundle_uri (passed as
+    a YAML string, whatever characters the URI holds)."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--bundle", default=None)
+    known, rest = extra.parse_known_args()
+    if known.bundle:
+        rest += ["--set", f"{section}.bundle_uri={json.dumps(known.bundle)}"]
+    return job_main(main, description=description, argv=rest)

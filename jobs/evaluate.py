@@ -12,14 +12,9 @@ Writes report.json (last), report.md, grid_*.png and curves_*.png to evaluate.ou
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
-
-EXTRA = argparse.ArgumentParser(add_help=False)
-EXTRA.add_argument("--bundle", default=None, help="the bundle URI to evaluate")
+from _common import bundle_job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
 
 
 def main(cfg) -> int:
@@ -46,7 +41,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    known, rest = EXTRA.parse_known_args()
-    if known.bundle:  # the URI as a YAML string, whatever characters it holds
-        rest += ["--set", f"evaluate.bundle_uri={json.dumps(known.bundle)}"]
-    sys.exit(job_main(main, description=__doc__, argv=rest))
+    sys.exit(bundle_job_main(main, section="evaluate", description=__doc__))

@@ -12,14 +12,9 @@ manifest.json, written last (it publishes the generation and retires the previou
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
-
-EXTRA = argparse.ArgumentParser(add_help=False)
-EXTRA.add_argument("--bundle", default=None, help="the bundle URI to generate with")
+from _common import bundle_job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
 
 
 def main(cfg) -> int:
@@ -52,7 +47,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    known, rest = EXTRA.parse_known_args()
-    if known.bundle:  # the URI as a YAML string, whatever characters it holds
-        rest += ["--set", f"generate.bundle_uri={json.dumps(known.bundle)}"]
-    sys.exit(job_main(main, description=__doc__, argv=rest))
+    sys.exit(bundle_job_main(main, section="generate", description=__doc__))
