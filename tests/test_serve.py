@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import requests
@@ -35,6 +35,7 @@ class Served:
     name: str
     resolution: int
     has_reranker: bool
+    bundle: str = ""
 
     def post(self, body, *, key: str | None = ARG_KEY, headers: dict | None = None, raw: bytes | None = None):
         h = {"Content-Type": "application/json"}
@@ -87,7 +88,7 @@ def app(ray_cluster, tmp_path_factory):
 
         manifest = read_manifest(uri)
         served = Served(base=base, name=manifest["name"], resolution=manifest["resolution"],
-                        has_reranker=manifest["has_reranker"])
+                        has_reranker=manifest["has_reranker"], bundle=uri)
         # The first call pays for the handle's first routing and torch's first run; keep that out
         # of the tests' short request timeout.
         deadline = time.time() + 60
@@ -302,13 +303,44 @@ def test_malformed_requests_never_get_a_5xx(app, body, content_type, key):
         assert r.status_code == 200 and r.json()["data"]
 
 
+def _one_replica_app(app: Served, timeout_s: float) -> Served:
+    """The same bundle as a second app at /overload: one replica taking one request at a time,
+    three more queued, and `timeout_s` per request (redeployed in place on a second call)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    application = build_app({
+        "bundle": app.bundle, "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+        "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 3,
+        "request_timeout_s": timeout_s, "api_keys": [ARG_KEY], "max_candidates": 64})
+    serve.run(application, name="tessera-overload", route_prefix="/overload")
+    return replace(app, base=f"{app.base}/overload")
+
+
 def test_overload_answers_429_when_the_queue_is_full_and_503_past_the_timeout(app):
     """One request runs on the replica (max_ongoing_requests=1) and three heavy ones queue behind it
     (max_queued_requests=3): a further request is refused at once with 429, and the last queued ones
-    cannot finish within request_timeout_s (each heavy request takes ~0.8 s) and get 503."""
+    cannot finish within request_timeout_s, set to 2.5 heavy requests as this machine runs them
+    (timed first on the same app with a long timeout), so they get 503."""
+    from ray import serve
+
     heavy = {"prompt": "a busy picture", "n": 10, "guidance_scale": 3.0}
     if app.has_reranker:
         heavy["candidates"] = 64
+    timing = _one_replica_app(app, 120.0)
+    try:
+        assert timing.post({**heavy, "seed": 100}).status_code == 200  # warm-up
+        started = time.time()
+        assert timing.post({**heavy, "seed": 101}).status_code == 200
+        heavy_s = time.time() - started
+        over = _one_replica_app(app, round(2.5 * heavy_s, 3))
+        _overload(over, heavy)
+    finally:
+        serve.delete("tessera-overload")
+
+
+def _overload(app: Served, heavy: dict) -> None:
     results: dict[int, requests.Response] = {}
 
     def send(i):
