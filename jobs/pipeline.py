@@ -36,7 +36,8 @@ def _stage_list(text: str | None, names: tuple[str, ...]) -> list[str]:
 
 def main(cfg, args: argparse.Namespace | None = None) -> int:
     from tessera import storage
-    from tessera.stages import NAMES, STAGES, evaluation_uri
+    from tessera.evaluation.run import output_uri
+    from tessera.stages import NAMES, STAGES
 
     args = args or EXTRA.parse_args([])
     opts = storage.StorageOptions.from_config(cfg.storage)
@@ -70,10 +71,10 @@ def main(cfg, args: argparse.Namespace | None = None) -> int:
     print(f"\npipeline finished in {_clock(total)}:")
     for name, t in times.items():
         print(f"  {name:<15} {t['status']:<8} {_clock(t['seconds'])}")
-    report = storage.join(evaluation_uri(cfg), "report.md")
+    report = storage.join(output_uri(cfg), "report.md")
     print(f"bundle:            {cfg.bundle_uri}")
     print(f"evaluation report: {report}")
-    print(f"sample grid:       {storage.join(evaluation_uri(cfg), 'grid_val.png')}")
+    print(f"sample grid:       {storage.join(output_uri(cfg), 'grid_val.png')}")
     print(f"serve it:          serve run serve.app:build_app bundle={cfg.bundle_uri}   (or `make demo`, which"
           " serves serve/config.yaml)")
     return 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from tessera import storage
 from tessera.config import TesseraConfig
+from tessera.evaluation.run import REPORT, bundle_uri, output_uri
+from tessera.training import export as exports
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,9 @@ def _bundle(cfg, opts):
     m = _read(storage.join(cfg.bundle_uri, "manifest.json"), opts)
     if m is None:
         return None
-    for part, uri, meta in (("dvae", cfg.encode_dvae_uri, "dvae.json"),
-                            ("prior", storage.join(cfg.prior_uri, "export"), "prior.json"),
-                            ("reranker", storage.join(cfg.reranker_uri, "export"), "reranker.json")):
+    for part, uri, meta in (("dvae", cfg.encode_dvae_uri, exports.META),
+                            ("prior", storage.join(cfg.prior_uri, "export"), exports.PRIOR_META),
+                            ("reranker", storage.join(cfg.reranker_uri, "export"), exports.RERANKER_META)):
         source = _read(storage.join(uri, meta), opts)
         have = (m.get("parts") or {}).get(part)
         if source is not None and (have is None or have.get("step") != source.get("step")):
@@ -62,15 +64,11 @@ def _bundle(cfg, opts):
     return storage.join(cfg.bundle_uri, "manifest.json")
 
 
-def evaluation_uri(cfg) -> str:
-    return cfg.evaluate.output_uri or storage.join(cfg.run.root_uri, "eval")
-
-
 def _evaluation(cfg, opts):
     """Done when the report is of the bundle that is there now (the same parts at the same steps)."""
-    uri = storage.join(evaluation_uri(cfg), "report.json")
+    uri = storage.join(output_uri(cfg), REPORT)
     report = _read(uri, opts)
-    bundle = _read(storage.join(cfg.evaluate.bundle_uri or cfg.bundle_uri, "manifest.json"), opts)
+    bundle = _read(storage.join(bundle_uri(cfg), "manifest.json"), opts)
     if report is None or bundle is None:
         return None
     steps = {part: m.get("step") for part, m in (bundle.get("parts") or {}).items()}
@@ -79,10 +77,11 @@ def _evaluation(cfg, opts):
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "image shards + tokenizer", _manifest(lambda c: c.data_uri)),
-    Stage("train_dvae", "stage 1: the dVAE", _export(lambda c: c.dvae_uri, "dvae.json", "dvae"), ("prepare",)),
+    Stage("train_dvae", "stage 1: the dVAE", _export(lambda c: c.dvae_uri, exports.META, "dvae"), ("prepare",)),
     Stage("encode", "images -> tokens", _manifest(lambda c: c.tokens_uri), ("prepare", "train_dvae")),
-    Stage("train_prior", "stage 2: the prior", _export(lambda c: c.prior_uri, "prior.json", "prior"), ("encode",)),
-    Stage("train_reranker", "the reranker", _export(lambda c: c.reranker_uri, "reranker.json", "reranker"),
+    Stage("train_prior", "stage 2: the prior", _export(lambda c: c.prior_uri, exports.PRIOR_META, "prior"), ("encode",)),
+    Stage("train_reranker", "the reranker", _export(lambda c: c.reranker_uri, exports.RERANKER_META,
+                                                    "reranker"),
           ("prepare",)),
     Stage("export", "the model bundle", _bundle, ("train_dvae", "train_prior", "train_reranker")),
     Stage("evaluate", "generated images scored", _evaluation, ("export",)),
