@@ -210,5 +210,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
     ).bind(a.bundle, device=a.device, num_cpus=a.num_cpus, max_batch_size=a.max_batch_size,
-           batch_wait_timeout_s=a.batch_wait_timeout_s)
+           batch_wait_timeout_s=a.batch_wait_timeout_s, max_candidates=a.max_candidates)
     return Ingress.bind(generator, a, limits)

@@ -47,9 +47,10 @@ class AppArgs(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     max_prompt_chars: int = Field(1000, ge=1)
-    # At most the sampling library's own bounds (GenerationParams.validate's defaults).
+    # At most the sampling library's own bounds (GenerationParams.validate: n ≤ 10, MAX_CANDIDATES
+    # = 512, what the DALL·E paper reranked); each draw costs a full sample, so the default is low.
     max_n: int = Field(10, ge=1, le=10)
-    max_candidates: int = Field(16, ge=1, le=64)
+    max_candidates: int = Field(16, ge=1, le=512)
     public_url: str | None = None
     # The store behind response_format=url lives in the ingress's memory: bounded in bytes and age.
     url_ttl_s: float = Field(3600.0, gt=0)

@@ -21,7 +21,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(name="ImageGenerator")
 class ImageGeneratorDeployment:
     def __init__(self, bundle_uri: str, *, device: str, num_cpus: float, max_batch_size: int,
-                 batch_wait_timeout_s: float):
+                 batch_wait_timeout_s: float, max_candidates: int = 16):
         import torch
 
         from tessera.bundle import load_bundle
@@ -34,6 +34,7 @@ class ImageGeneratorDeployment:
         t0 = time.perf_counter()
         self.bundle = load_bundle(bundle_uri, device=device)
         self.generator = ImageGenerator(self.bundle, device=device)
+        self.max_candidates = max_candidates
         # serve.batch's limits are fixed where the class is defined; its documented setters apply
         # the application's arguments.
         self._generate_batch.set_max_batch_size(max_batch_size)
@@ -70,7 +71,7 @@ class ImageGeneratorDeployment:
             # One bad job must not fail the others that share its batch.
             try:
                 params = GenerationParams(**fields)
-                self.generator.check(params)
+                self.generator.check(params, max_candidates=self.max_candidates)
                 valid.append((i, (prompt, params)))
             except (TypeError, ValueError) as e:
                 out[i] = {"error": str(e)}

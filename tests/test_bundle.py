@@ -78,6 +78,12 @@ def test_generator_seeds_candidates_and_reranking(bundle_uri):
         gen.generate([("x", GenerationParams(n=11))])
     with pytest.raises(ValueError, match="^candidates:"):
         gen.generate([("x", GenerationParams(n=3, candidates=2))])
+    # Past MAX_CANDIDATES candidate seeds (s·1000 + j) would run into the next seed's streams.
+    with pytest.raises(ValueError, match="^candidates: must be between n=1 and 512"):
+        gen.generate([("x", GenerationParams(n=1, candidates=513))])
+    # A caller's own limit is the lower one.
+    with pytest.raises(ValueError, match="and 16, got 17"):
+        gen.check(GenerationParams(n=1, candidates=17), max_candidates=16)
 
 
 def _export(tmp_path, *overrides):

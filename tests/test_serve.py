@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 ARG_KEY, ENV_KEY = "arg-key-1", "env-key-2"
 MAX_BODY = 16384
 TIMEOUT_S = 1.5  # request_timeout_s: several times a light request (~0.1-0.4 s), below 3 heavy ones (~0.8 s each)
+MAX_CANDIDATES_OVERLOAD = 512  # the overload test scales its heavy request up to this many draws
 
 
 @dataclass
@@ -37,13 +38,14 @@ class Served:
     has_reranker: bool
     bundle: str = ""
 
-    def post(self, body, *, key: str | None = ARG_KEY, headers: dict | None = None, raw: bytes | None = None):
+    def post(self, body, *, key: str | None = ARG_KEY, headers: dict | None = None, raw: bytes | None = None,
+             timeout: float = 120):
         h = {"Content-Type": "application/json"}
         if key is not None:
             h["Authorization"] = f"Bearer {key}"
         h.update(headers or {})
         data = raw if raw is not None else json.dumps(body).encode()
-        return requests.post(f"{self.base}/v1/images/generations", data=data, headers=h, timeout=120)
+        return requests.post(f"{self.base}/v1/images/generations", data=data, headers=h, timeout=timeout)
 
 
 def assert_error(r: requests.Response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
@@ -313,7 +315,7 @@ def _one_replica_app(app: Served, timeout_s: float) -> Served:
     application = build_app({
         "bundle": app.bundle, "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
         "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 3,
-        "request_timeout_s": timeout_s, "api_keys": [ARG_KEY], "max_candidates": 64})
+        "request_timeout_s": timeout_s, "api_keys": [ARG_KEY], "max_candidates": MAX_CANDIDATES_OVERLOAD})
     serve.run(application, name="tessera-overload", route_prefix="/overload")
     return replace(app, base=f"{app.base}/overload")
 
@@ -326,21 +328,29 @@ def test_overload_answers_429_when_the_queue_is_full_and_503_past_the_timeout(ap
     from ray import serve
 
     heavy = {"prompt": "a busy picture", "n": 10, "guidance_scale": 3.0}
-    if app.has_reranker:
-        heavy["candidates"] = 64
     timing = _one_replica_app(app, 120.0)
     try:
         assert timing.post({**heavy, "seed": 100}).status_code == 200  # warm-up
-        started = time.time()
-        assert timing.post({**heavy, "seed": 101}).status_code == 200
-        heavy_s = time.time() - started
+        heavy_s = _time(timing, heavy, 101)
+        # The test's model is tiny: draw more candidates until a heavy request takes ~2 s, so the
+        # order in which requests reach the queue does not hang on 0.1 s gaps.
+        while app.has_reranker and heavy_s < 2.0 and heavy.get("candidates", 10) < MAX_CANDIDATES_OVERLOAD:
+            heavy["candidates"] = min(MAX_CANDIDATES_OVERLOAD, 2 * heavy.get("candidates", 10))
+            heavy_s = _time(timing, heavy, 102)
         over = _one_replica_app(app, round(2.5 * heavy_s, 3))
-        _overload(over, heavy)
+        _overload(over, heavy, heavy_s)
     finally:
         serve.delete("tessera-overload")
 
 
-def _overload(app: Served, heavy: dict) -> None:
+def _time(app: Served, body: dict, seed: int) -> float:
+    started = time.time()
+    r = app.post({**body, "seed": seed})
+    assert r.status_code == 200, r.text
+    return time.time() - started
+
+
+def _overload(app: Served, heavy: dict, heavy_s: float) -> None:
     results: dict[int, requests.Response] = {}
 
     def send(i):
@@ -350,13 +360,22 @@ def _overload(app: Served, heavy: dict) -> None:
     for t in threads:  # spaced so each is running or queued before the next arrives
         t.start()
         time.sleep(0.1)
-    rejected = []
+    time.sleep(0.3)
+    # A probe must never wait in the queue itself: one that got in ahead of a heavy request (a slow
+    # proxy on a busy machine) would block this loop until the heavy ones had timed out. So each
+    # probe gives up after a short wait (the proxy cancels it) and the next one is sent.
+    rejected, probes = [], 0
     while any(t.is_alive() for t in threads[1:]) and not rejected:
-        r = app.post({"prompt": "a dot", "seed": 1})
+        probes += 1
+        try:
+            r = app.post({"prompt": "a dot", "seed": 1}, timeout=max(1.0, heavy_s / 4))
+        except requests.Timeout:
+            continue
         if r.status_code == 429:
             rejected.append(r)
         time.sleep(0.02)
-    assert rejected, "the queue was full but no request was refused"
+    assert rejected, (f"the queue was full but none of {probes} probes was refused; heavy requests: "
+                      f"{ {i: r.status_code for i, r in results.items()} }")
     err = assert_error(rejected[0], 429, code="queue_full")
     assert err["type"] == "rate_limit_error" and rejected[0].headers.get("Retry-After") == "1"
     for t in threads:

@@ -94,6 +94,8 @@ def test_limits_agree_with_the_sampling_library():
     GenerationParams(**generation_kwargs(req)).validate(max_n=10, max_candidates=16)
     with pytest.raises(ValueError, match="max_n"):
         parse_args({"bundle": "b", "max_n": 11}, environ={})
+    with pytest.raises(ValueError, match="max_candidates"):
+        parse_args({"bundle": "b", "max_candidates": 513}, environ={})
 
 
 def _err(body, limits=LIMITS) -> ApiError:

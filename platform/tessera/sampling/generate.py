@@ -18,6 +18,9 @@ import torch
 from tessera.sampling.sampler import sample_image_tokens
 
 MAX_SEED = 2**31 - 1
+# Candidate j of a job seeded s draws with seed s·1000 + j, so j stays below 1000; 512 is what the
+# DALL·E paper reranked. Callers (the Serve app, generate jobs) pass their own lower limits.
+MAX_CANDIDATES = 512
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class GenerationParams:
     guidance_scale: float = 1.0  # 1: no classifier-free guidance
     candidates: int | None = None  # M ≥ n images drawn, the best n by the reranker kept; None: n
 
-    def validate(self, *, max_n: int = 10, max_candidates: int = 64) -> None:
+    def validate(self, *, max_n: int = 10, max_candidates: int = MAX_CANDIDATES) -> None:
         """ValueError naming the first field at fault."""
         def bad(field: str, why: str):
             raise ValueError(f"{field}: {why}")
@@ -47,8 +50,9 @@ class GenerationParams:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 100):
             bad("guidance_scale", f"must be between 0 and 100, got {self.guidance_scale}")
-        if self.candidates is not None and not self.n <= self.candidates <= max_candidates:
-            bad("candidates", f"must be between n={self.n} and {max_candidates}, got {self.candidates}")
+        if self.candidates is not None and not self.n <= self.candidates <= min(max_candidates, MAX_CANDIDATES):
+            bad("candidates", f"must be between n={self.n} and {min(max_candidates, MAX_CANDIDATES)}, "
+                              f"got {self.candidates}")
 
     @property
     def draws(self) -> int:
