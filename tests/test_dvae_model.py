@@ -83,3 +83,13 @@ def test_a_few_steps_learn_on_flat_colour_images():
         opt.step()
     after = float(psnr(m.decode(m.encode(x)), x))
     assert after > before + 5  # measured: 6.9 -> 13.5 dB
+
+
+def test_logit_scale_sharpens_the_posterior_but_not_the_tokens():
+    torch.manual_seed(0)
+    m = DVAE(TINY)
+    x = torch.rand(2, 3, 32, 32)
+    plain, sharp = m(x, tau=1.0, beta=0.0), m(x, tau=1.0, beta=0.0, logit_scale=5.0)
+    assert torch.allclose(sharp["logits"], 5 * plain["logits"], rtol=1e-5, atol=1e-6)
+    assert float(sharp["kl"]) > float(plain["kl"])  # further from uniform
+    assert torch.equal(sharp["logits"].argmax(1), m.encode(x))

@@ -179,6 +179,9 @@ class DVAETrainConfig(StageTrainConfig):
     beta_steps: int = Field(5_000, ge=1)
     # Weight of KL(batch-mean posterior || uniform): keeps a short run from using few codes.
     usage_weight: float = Field(0.1, ge=0)
+    # Factor on the encoder's logits in training (DVAE.forward): > 1 lets a short run's posteriors
+    # outweigh the Gumbel noise. Tokens (argmax) do not depend on it.
+    logit_scale: float = Field(1.0, gt=0)
     recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

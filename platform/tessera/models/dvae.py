@@ -137,16 +137,21 @@ class DVAE(nn.Module):
         self.decoder = Decoder(shape)
 
     def forward(self, images: torch.Tensor, *, tau: float, beta: float, usage_weight: float = 0.0,
-                recon_loss: str = "logit_laplace") -> dict[str, torch.Tensor]:
+                recon_loss: str = "logit_laplace", logit_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """images: (B, 3, S, S) in [0, 1]. Returns the loss (ELBO terms, per sub-pixel / position)
         and what metrics need.
 
         usage_weight weighs KL(q̄ || uniform), q̄ the posterior averaged over the batch and grid
         (wav2vec 2.0's diversity loss). The paper's per-position KL does not stop a short run from
         settling on a handful of codes; this term spreads the batch over the codebook instead.
-        recon_loss "mse" is a Gaussian NLL with σ = 1/√200 (so it sits on the same nats scale)."""
+        recon_loss "mse" is a Gaussian NLL with σ = 1/√200 (so it sits on the same nats scale).
+
+        logit_scale multiplies the encoder's logits before the Gumbel noise (and in the KL terms).
+        A freshly initialised debug encoder's logits spread by ~0.07 (std over K) against the Gumbel
+        noise's 1.28: in a short run the sampled code stays mostly noise, the decoder learns to
+        expect that, and colours and outlines come back averaged. Tokens (argmax) ignore it."""
         x = map_pixels(images)
-        logits = self.encoder(x)  # (B, K, G, G)
+        logits = self.encoder(x) * logit_scale  # (B, K, G, G)
         z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
         stats = self.decoder(z)
         if recon_loss == "logit_laplace":

@@ -174,7 +174,8 @@ def train_dvae(cfg: TesseraConfig, hooks: Hooks) -> dict:
             lr = t.lr * schedules.lr_factor(step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = engine(images, tau=tau, beta=beta, usage_weight=t.usage_weight, recon_loss=t.recon_loss)
+            out = engine(images, tau=tau, beta=beta, usage_weight=t.usage_weight, recon_loss=t.recon_loss,
+                         logit_scale=t.logit_scale)
             engine.backward(out["loss"])
             engine.step()
             micro += 1
