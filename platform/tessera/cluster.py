@@ -36,9 +36,6 @@ def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        # Ray Train's controller polls its workers every 2 s by default and each report() waits for
-        # that poll: ~40 reports per demo run. Locally, where polling is cheap, poll 8x as often.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
         # (without it every training job logs "Failed to query Ray Train Controller actor state"
         # every few seconds); loopback only, like the rest of a local Ray.
