@@ -50,9 +50,9 @@ class GenerationParams:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 100):
             bad("guidance_scale", f"must be between 0 and 100, got {self.guidance_scale}")
-        if self.candidates is not None and not self.n <= self.candidates <= min(max_candidates, MAX_CANDIDATES):
-            bad("candidates", f"must be between n={self.n} and {min(max_candidates, MAX_CANDIDATES)}, "
-                              f"got {self.candidates}")
+        top = min(max_candidates, MAX_CANDIDATES)
+        if self.candidates is not None and not self.n <= self.candidates <= top:
+            bad("candidates", f"must be between n={self.n} and {top}, got {self.candidates}")
 
     @property
     def draws(self) -> int:
