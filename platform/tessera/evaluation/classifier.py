@@ -58,7 +58,7 @@ class ClassifierSpec:
     recon_fraction: float = 0.0
     dvae_sha256: str = ""
     # Objects per scene it is trained and measured on, up to: the prepared data's max_objects.
-    max_objects: int = 3
+    max_objects: int = shapes.MAX_OBJECTS
     # Bumped whenever the renders, the network or the augmentation change, so a classifier saved
     # by other code is trained again rather than reused.
     recipe: int = 2
@@ -124,7 +124,7 @@ def to_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 
 
 def render_scenes(n: int, *, seed: int, image_size: int, double_fraction: float = 0.0,
-                  start: int = 0, max_objects: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                  start: int = 0, max_objects: int = shapes.MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray]:
     """n shapes scenes with no held-out pair excluded: uint8 images (n, S, S, 3) and labels
     (n, NUM_LABELS). A `double_fraction` share is rendered at 2S and 2x2-averaged."""
     import io
