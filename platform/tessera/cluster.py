@@ -27,6 +27,9 @@ def init_ray(ray_cfg, *, log_to_driver: bool = True) -> None:
         if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
             log.warning("ray was imported before init_ray(); the local Ray may listen on all interfaces")
         local_only_env()
+        if not ray_cfg.local_metrics:
+            # Read by every process the local Ray starts; an explicit setting in the environment wins.
+            os.environ.setdefault("RAY_enable_metrics_collection", "0")
     import ray
 
     if ray.is_initialized():
