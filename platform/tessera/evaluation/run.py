@@ -59,7 +59,7 @@ def bundle_uri(cfg) -> str:
     return cfg.evaluate.bundle_uri or cfg.bundle_uri
 
 
-def classifier_spec(cfg, image_size: int, dvae_sha256: str = "", max_objects: int = shapes.MAX_OBJECTS) -> ClassifierSpec:
+def classifier_spec(cfg, image_size: int, dvae_sha256: str, max_objects: int) -> ClassifierSpec:
     c = cfg.evaluate.classifier
     return ClassifierSpec(image_size=image_size, width=c.width, hidden=c.hidden, train_samples=c.train_samples,
                           steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
