@@ -3,7 +3,7 @@
     python bench/compression.py --tokens runs/demo/tokens --steps 200 --rank 8 16
 
 Starts a Ray cluster of two Ray nodes on this machine (`ray.cluster_utils.Cluster`, 127.0.0.1,
-2 CPUs each), and trains the same debug prior (the real `fit_prior` job: Ray Data from the token
+2 CPUs each), and trains the same debug prior (the real prior job, `tessera.training.ray_io.fit`: Ray Data from the token
 shards, Ray Train, DeepSpeed ZeRO-3) with 4 workers spread 2 per node — the node layout is
 detected from the workers' Ray nodes, not declared — once with `grad_comm.method: none` and once
 with `powersgd` at each rank given. Same seed, data order and schedule. Prints, for each: cross-node bytes
@@ -36,7 +36,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), os.environ.g
 
 def run_setting(method: str, rank: int, args, root: str) -> tuple[dict, float]:
     from tessera.config import load_config
-    from tessera.training.prior_job import fit_prior
+    from tessera.training.ray_io import fit
 
     overrides = [f"run.root_uri={root}", f"run.name=bench-{method}-{rank}", f"prior.tokens_uri={args.tokens}",
                  f"prior.steps={args.steps}", "prior.num_workers=4", "prior.cpus_per_worker=0.5",
@@ -48,7 +48,7 @@ def run_setting(method: str, rank: int, args, root: str) -> tuple[dict, float]:
                  f"prior.grad_comm.powersgd.start_step={args.start_step}"]
     cfg = load_config("debug", overrides)
     started = time.time()
-    result = fit_prior(cfg)
+    result = fit(cfg, "prior")
     m = dict(result.metrics)
     m["val_loss"] = cfg.prior.text_weight * m["val_text_loss"] + cfg.prior.image_weight * m["val_image_loss"]
     return m, time.time() - started

@@ -2,7 +2,7 @@
 
 Both read the SAME prepared WebDataset shards from a real S3-compatible server (moto, on
 127.0.0.1) and do the same work per sample: PNG -> uint8 HWC RGB, caption -> fixed-length ids +
-mask with the prepared tokenizer (both call tessera.data.pipeline.decode_batch), shuffle through a
+mask with the prepared tokenizer (both call tessera.data.loader.decode_batch), shuffle through a
 buffer of cfg.loader.local_shuffle_buffer samples, batches of --batch-size as torch tensors.
 
   A  tessera:  build_training_dataset(cfg) iterated with iter_training_batches (=
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tessera.data.pipeline import (
+from tessera.data.loader import (
     build_training_dataset,
     decode_batch,
     iter_training_batches,
@@ -214,13 +214,13 @@ def main() -> int:
             print(f"prepared {args.samples} samples into s3://{BUCKET}/bench in {time.perf_counter() - t:.1f} s", flush=True)
 
             opts = storage.StorageOptions.from_config(cfg.storage)
-            manifest = load_manifest(cfg.data_uri, opts)
-            shard_keys = [storage.resolve(u, opts)[1].split("/", 1)[1] for u in shard_uris(cfg.data_uri, manifest, "train")]
+            manifest = load_manifest(cfg.paths.data, opts)
+            shard_keys = [storage.resolve(u, opts)[1].split("/", 1)[1] for u in shard_uris(cfg.paths.data, manifest, "train")]
             expected = shard_ids(s3, shard_keys)
             if len(expected) != manifest["splits"]["train"]["num_samples"]:
                 raise SystemExit(f"shards hold {len(expected)} distinct samples, manifest says "
                                  f"{manifest['splits']['train']['num_samples']}")
-            tokenizer_json = storage.read_bytes(storage.join(cfg.data_uri, manifest["tokenizer"]["path"]), opts).decode()
+            tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, manifest["tokenizer"]["path"]), opts).decode()
 
             ds = build_training_dataset(cfg)
             loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)

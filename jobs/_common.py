@@ -50,3 +50,21 @@ def bundle_job_main(main, *, section: str, description: str | None = None) -> in
     if known.bundle:
         rest += ["--set", f"{section}.bundle_uri={json.dumps(known.bundle)}"]
     return job_main(main, description=description, argv=rest)
+
+
+def train_main(cfg, stage: str) -> int:
+    """jobs/train_{stage}.py: the stage's input is checked before Ray starts (a missing dataset
+    fails in one line), then its TorchTrainer runs and its last checkpoint is exported."""
+    from tessera.cluster import init_ray
+    from tessera.training import ray_io
+
+    ray_io.input_manifest(cfg, stage)
+    init_ray(cfg.ray)
+    result = ray_io.fit(cfg, stage)
+    m = result.metrics or {}
+    print(f"{stage} run at {result.path}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}")
+    summary = ray_io.stage_class(stage).summary(m)
+    if summary:
+        print(summary)
+    print(f"exported: {cfg.paths.export(stage)}")
+    return 0

@@ -15,19 +15,18 @@ from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.
 
 
 def main(cfg) -> int:
-    from tessera import storage
+    from tessera import artifacts, storage
     from tessera.cluster import init_ray
-    from tessera.data.pipeline import load_manifest
-    from tessera.training.export import META
+    from tessera.data.loader import load_manifest
 
     opts = storage.StorageOptions.from_config(cfg.storage)
     # Everything a user can get wrong fails here, before Ray starts.
-    load_manifest(cfg.data_uri, opts)
-    if not storage.exists(storage.join(cfg.encode_dvae_uri, META), opts):
-        raise storage.StorageError(f"{cfg.encode_dvae_uri}: no dVAE export here (run jobs/train_dvae.py first)")
-    storage.require_writable(cfg.tokens_uri, opts)
+    load_manifest(cfg.paths.data, opts)
+    if not storage.exists(storage.join(cfg.paths.encode_dvae, artifacts.PARTS["dvae"].meta), opts):
+        raise storage.StorageError(f"{cfg.paths.encode_dvae}: no dVAE export here (run jobs/train_dvae.py first)")
+    storage.require_writable(cfg.paths.tokens, opts)
     init_ray(cfg.ray)
-    from tessera.data.encode import run_encode, summarize
+    from tessera.inference.encode import run_encode, summarize
 
     print(summarize(run_encode(cfg)))
     return 0

@@ -21,22 +21,22 @@ def main(cfg) -> int:
     from tessera import storage
     from tessera.bundle import BundleError, read_manifest
     from tessera.cluster import init_ray
-    from tessera.data.pipeline import load_manifest
-    from tessera.evaluation.run import bundle_uri, output_uri, run_evaluate, summarize
+    from tessera.data.loader import load_manifest
+    from tessera.inference.evaluation.run import run_evaluate, summarize
 
     opts = storage.StorageOptions.from_config(cfg.storage)
     # Everything a user can get wrong fails here, before Ray starts.
     try:
-        read_manifest(bundle_uri(cfg), opts)
+        read_manifest(cfg.paths.eval_bundle, opts)
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    load_manifest(cfg.data_uri, opts)
-    storage.require_writable(output_uri(cfg), opts)
+    load_manifest(cfg.paths.data, opts)
+    storage.require_writable(cfg.paths.eval, opts)
     init_ray(cfg.ray)
     report = run_evaluate(cfg)
     print(summarize(report))
-    print(f"report: {storage.join(output_uri(cfg), 'report.md')}")
+    print(f"report: {storage.join(cfg.paths.eval, 'report.md')}")
     return 0
 
 

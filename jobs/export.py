@@ -23,8 +23,8 @@ def main(cfg) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parts = ", ".join(f"{p} (step {m['step']}, {m['num_parameters'] or 0:,} parameters)" for p, m in manifest["parts"].items())
-    print(f"bundle {manifest['name']!r} at {cfg.bundle_uri}: {parts}; {manifest['resolution']} px images")
-    print(f"serve it: serve run serve.app:build_app bundle={cfg.bundle_uri}")
+    print(f"bundle {manifest['name']!r} at {cfg.paths.bundle}: {parts}; {manifest['resolution']} px images")
+    print(f"serve it: serve run serve.app:build_app bundle={cfg.paths.bundle}")
     return 0
 
 

@@ -21,7 +21,7 @@ def main(cfg) -> int:
     from tessera import storage
     from tessera.bundle import BundleError, read_manifest
     from tessera.cluster import init_ray
-    from tessera.data.generate import generate_bundle_uri, generate_output_uri, run_generate, summarize
+    from tessera.inference.batch_generate import run_generate, summarize
 
     opts = storage.StorageOptions.from_config(cfg.storage)
     # Everything a user can get wrong fails here, before Ray starts.
@@ -29,12 +29,12 @@ def main(cfg) -> int:
         print("error: generate.captions_uri: not set (--set generate.captions_uri=PATH_OR_URI)", file=sys.stderr)
         return 2
     try:
-        read_manifest(generate_bundle_uri(cfg), opts)
+        read_manifest(cfg.paths.generate_bundle, opts)
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     storage.require_inputs(cfg.generate.captions_uri, opts, suffixes=(".txt", ".jsonl", ".parquet"))
-    storage.require_writable(generate_output_uri(cfg), opts)
+    storage.require_writable(cfg.paths.generated, opts)
     init_ray(cfg.ray)
     try:
         manifest = run_generate(cfg)
@@ -42,7 +42,7 @@ def main(cfg) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summarize(manifest))
-    print(f"images: {storage.join(generate_output_uri(cfg), manifest['generation'], 'images')}")
+    print(f"images: {storage.join(cfg.paths.generated, manifest['generation'], 'images')}")
     return 0
 
 

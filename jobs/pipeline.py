@@ -36,7 +36,6 @@ def _stage_list(text: str | None, names: tuple[str, ...]) -> list[str]:
 
 def main(cfg, args: argparse.Namespace | None = None) -> int:
     from tessera import storage
-    from tessera.evaluation.run import output_uri
     from tessera.stages import NAMES, STAGES
 
     args = args or EXTRA.parse_args([])
@@ -71,11 +70,11 @@ def main(cfg, args: argparse.Namespace | None = None) -> int:
     print(f"\npipeline finished in {_clock(total)}:")
     for name, t in times.items():
         print(f"  {name:<15} {t['status']:<8} {_clock(t['seconds'])}")
-    report = storage.join(output_uri(cfg), "report.md")
-    print(f"bundle:            {cfg.bundle_uri}")
+    report = storage.join(cfg.paths.eval, "report.md")
+    print(f"bundle:            {cfg.paths.bundle}")
     print(f"evaluation report: {report}")
-    print(f"sample grid:       {storage.join(output_uri(cfg), 'grid_val.png')}")
-    print(f"serve it:          serve run serve.app:build_app bundle={cfg.bundle_uri}   (or `make demo`, which"
+    print(f"sample grid:       {storage.join(cfg.paths.eval, 'grid_val.png')}")
+    print(f"serve it:          serve run serve.app:build_app bundle={cfg.paths.bundle}   (or `make demo`, which"
           " serves serve/config.yaml)")
     return 0
 

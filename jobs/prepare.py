@@ -20,7 +20,7 @@ def main(cfg) -> int:
     init_ray(cfg.ray)
     manifest = run_prepare(cfg)
     print(summarize(manifest))
-    print(f"manifest: {cfg.data_uri.rstrip('/')}/manifest.json")
+    print(f"manifest: {cfg.paths.data.rstrip('/')}/manifest.json")
     return 0
 
 

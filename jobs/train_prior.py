@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
+from _common import job_main, train_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
 
 
 def main(cfg) -> int:
-    from tessera.cluster import init_ray
-    from tessera.data.encode import load_token_manifest
-    from tessera.storage import StorageOptions
-
-    load_token_manifest(cfg.prior_tokens_uri, StorageOptions.from_config(cfg.storage))  # fails before Ray if missing
-    init_ray(cfg.ray)
-    from tessera.training.prior_job import fit_prior
-
-    result = fit_prior(cfg)
-    print(f"prior run at {result.path}: {result.metrics}")
-    print(f"exported: {cfg.prior_uri.rstrip('/')}/export/prior.safetensors")
-    return 0
+    return train_main(cfg, "prior")
 
 
 if __name__ == "__main__":

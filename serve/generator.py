@@ -13,7 +13,7 @@ from typing import Any
 
 from ray import serve
 
-from serve.images import encode_png
+from tessera.viz import png_bytes
 
 log = logging.getLogger("ray.serve")
 
@@ -78,7 +78,7 @@ class ImageGeneratorDeployment:
         if valid:
             images = self.generator.generate([job for _, job in valid])
             for (i, _), per_job in zip(valid, images, strict=True):
-                out[i] = {"images": [encode_png(img) for img in per_job]}
+                out[i] = {"images": [png_bytes(img) for img in per_job]}
         log.info("generated %d images for %d requests in %.2f s", sum(len(o.get("images", ())) for o in out),
                  len(valid), time.perf_counter() - t0)
         return out

@@ -1,4 +1,4 @@
-"""PNG encoding, and the store behind `response_format=url`.
+"""The store behind `response_format=url`.
 
 The store lives in the ingress replica's memory: ids are unguessable (128 random bits), so a URL
 works as a capability (a browser's <img> cannot send a Bearer key), and entries leave when they are
@@ -7,23 +7,10 @@ older than the TTL or, oldest first, when the total size passes the byte bound.
 
 from __future__ import annotations
 
-import io
 import secrets
 import threading
 import time
 from collections import OrderedDict
-
-import numpy as np
-from PIL import Image
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class ImageStore:

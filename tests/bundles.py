@@ -17,12 +17,11 @@ def make_bundle(out_dir: Path, *, seed: int = 0, reranker: bool = True, name: st
     """Writes the parts' exports under out_dir/parts and the bundle at out_dir/bundle; returns its URI."""
     from safetensors.torch import save
 
-    from tessera import storage
+    from tessera import artifacts, storage
     from tessera.bundle import write_bundle
     from tessera.data.tokenizer import train_tokenizer
     from tessera.models.dvae import DVAE, NAMED_SHAPES
     from tessera.models.prior import Prior, PriorShape
-    from tessera.training import export
 
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
@@ -32,13 +31,13 @@ def make_bundle(out_dir: Path, *, seed: int = 0, reranker: bool = True, name: st
     (parts / "tokenizer" / "tokenizer.json").write_text(tok.to_str())
 
     dvae_shape = NAMED_SHAPES["debug"]
-    export.save_dvae(DVAE(dvae_shape).state_dict(), dvae_shape, str(parts / "dvae"), step=0, weights="init")
+    artifacts.export("dvae", DVAE(dvae_shape).state_dict(), dvae_shape, str(parts / "dvae"), step=0, weights="init")
     prior_shape = PriorShape(text_vocab=tok.get_vocab_size(), image_vocab=dvae_shape.num_tokens, text_len=16,
                              grid=dvae_shape.grid_size, dim=64, depth=2, heads=4, attention="sparse", conv_kernel=3)
     prior = Prior(prior_shape)
-    storage.write_bytes(str(parts / "prior" / export.PRIOR_WEIGHTS), save(prior.state_dict()))
-    storage.write_json(str(parts / "prior" / export.PRIOR_META),
-                       {"kind": export.PRIOR_KIND, "format_version": 1, "shape": prior_shape.to_dict(), "step": 0,
+    storage.write_bytes(str(parts / "prior" / artifacts.PARTS["prior"].weights), save(prior.state_dict()))
+    storage.write_json(str(parts / "prior" / artifacts.PARTS["prior"].meta),
+                       {"kind": artifacts.PARTS["prior"].kind, "format_version": 1, "shape": prior_shape.to_dict(), "step": 0,
                         "weights": "init"})
     reranker_uri = None
     if reranker:

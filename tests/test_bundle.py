@@ -43,12 +43,12 @@ def test_corrupt_or_missing_bundles_are_refused_by_name(tmp_path):
 
 
 def test_parts_that_do_not_fit_together_are_refused(tmp_path):
+    from tessera import artifacts
     from tessera.models.dvae import DVAE, DVAEShape
-    from tessera.training.export import save_dvae
 
     make_bundle(tmp_path, reranker=False)
     other = DVAEShape(image_size=32, num_tokens=64, grid_size=8, hidden=32, blocks_per_group=1, decoder_init=64)
-    save_dvae(DVAE(other).state_dict(), other, str(tmp_path / "dvae64"))
+    artifacts.export("dvae", DVAE(other).state_dict(), other, str(tmp_path / "dvae64"))
     with pytest.raises(BundleError, match="image_vocab 128 != dVAE codebook 64"):
         write_bundle(str(tmp_path / "b2"), dvae_uri=str(tmp_path / "dvae64"), prior_uri=str(tmp_path / "parts/prior"),
                      tokenizer_uri=str(tmp_path / "parts/tokenizer/tokenizer.json"), name="x")
@@ -105,16 +105,15 @@ def test_export_job_writes_a_bundle_to_s3_that_loads_back(tmp_path, s3_server, b
     bundle to an S3-compatible bucket over HTTP; a prior trained with another tokenizer is refused."""
     import shutil
 
-    from tessera import storage
-    from tessera.training.export import PRIOR_META
+    from tessera import artifacts, storage
 
     make_bundle(tmp_path)
     parts = tmp_path / "parts"
     shutil.copytree(parts / "reranker", parts / "rr" / "export")
-    meta = json.loads((parts / "prior" / PRIOR_META).read_text())
+    meta = json.loads((parts / "prior" / artifacts.PARTS["prior"].meta).read_text())
     tok_sha = __import__("hashlib").sha256((parts / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest()
     meta["tokens"] = {"tokenizer": {"sha256": tok_sha}, "dvae": {"uri": str(parts / "dvae")}}
-    (parts / "prior" / PRIOR_META).write_text(json.dumps(meta))
+    (parts / "prior" / artifacts.PARTS["prior"].meta).write_text(json.dumps(meta))
 
     uri = f"s3://{bucket}/models/debug"
     done = _export(tmp_path, f"export.output_uri={uri}", "export.name=shapes-v1")
@@ -125,7 +124,7 @@ def test_export_job_writes_a_bundle_to_s3_that_loads_back(tmp_path, s3_server, b
     assert storage.exists(f"{uri}/tokenizer.json")
 
     meta["tokens"]["tokenizer"]["sha256"] = "0" * 64
-    (parts / "prior" / PRIOR_META).write_text(json.dumps(meta))
+    (parts / "prior" / artifacts.PARTS["prior"].meta).write_text(json.dumps(meta))
     bad = _export(tmp_path, f"export.output_uri={tmp_path / 'b2'}")
     assert bad.returncode == 2 and "not the tokenizer the prior" in bad.stderr
     assert not (tmp_path / "b2").exists()

@@ -58,10 +58,10 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 def test_default_data_uri_follows_run_root():
     cfg = load_config("debug", ["run.root_uri=s3://bucket/runs/x"])
-    assert cfg.data_uri == "s3://bucket/runs/x/data"
-    assert load_config("debug", ["data.output_uri=/tmp/elsewhere"]).data_uri == "/tmp/elsewhere"
-    assert cfg.tokens_uri == "s3://bucket/runs/x/tokens"
-    assert cfg.encode_dvae_uri == "s3://bucket/runs/x/dvae/export"
+    assert cfg.paths.data == "s3://bucket/runs/x/data"
+    assert load_config("debug", ["data.output_uri=/tmp/elsewhere"]).paths.data == "/tmp/elsewhere"
+    assert cfg.paths.tokens == "s3://bucket/runs/x/tokens"
+    assert cfg.paths.encode_dvae == "s3://bucket/runs/x/dvae/export"
 
 
 def test_relative_paths_are_pinned_where_the_config_loads(tmp_path, monkeypatch):
@@ -69,8 +69,8 @@ def test_relative_paths_are_pinned_where_the_config_loads(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = load_config("debug", ["run.root_uri=runs/demo", "encode.dvae_uri=exports/d", "dvae.output_uri=file:///x"])
     assert cfg.run.root_uri == str(tmp_path / "runs" / "demo")
-    assert cfg.data_uri == str(tmp_path / "runs" / "demo" / "data")
-    assert cfg.encode_dvae_uri == str(tmp_path / "exports" / "d")
+    assert cfg.paths.data == str(tmp_path / "runs" / "demo" / "data")
+    assert cfg.paths.encode_dvae == str(tmp_path / "exports" / "d")
     assert cfg.dvae.output_uri == "file:///x"
 
 
@@ -89,10 +89,10 @@ def test_prior_precision_choices_are_checked_at_load():
 
 def test_prior_paths_default_under_the_run_root(tmp_path):
     cfg = load_config("debug", [f"run.root_uri={tmp_path}"])
-    assert cfg.prior_tokens_uri == cfg.tokens_uri == f"{tmp_path}/tokens"
-    assert cfg.prior_uri == f"{tmp_path}/prior"
+    assert cfg.paths.prior_tokens == cfg.paths.tokens == f"{tmp_path}/tokens"
+    assert cfg.paths.prior == f"{tmp_path}/prior"
     other = load_config("debug", [f"run.root_uri={tmp_path}", "prior.tokens_uri=s3://b/t"])
-    assert other.prior_tokens_uri == "s3://b/t"
+    assert other.paths.prior_tokens == "s3://b/t"
 
 
 def test_config_reference_is_generated_from_the_models_and_current():

@@ -17,7 +17,7 @@ def _damage_one_shard(cfg, manifest) -> set[str]:
     from tessera import storage
     from tessera.data.tar import TarReadResult, iter_tar_samples, write_tar
 
-    uri = storage.join(cfg.data_uri, manifest["splits"]["train"]["shards"][0]["path"])
+    uri = storage.join(cfg.paths.data, manifest["splits"]["train"]["shards"][0]["path"])
     samples = [(s.key, dict(s.files)) for s in iter_tar_samples(io.BytesIO(storage.read_bytes(uri)), TarReadResult())]
     samples[3][1]["png"] = b"\x89PNG but not really"
     samples[7][1]["txt"] = b"\xff\xfe caption"
@@ -29,10 +29,10 @@ def _damage_one_shard(cfg, manifest) -> set[str]:
 def encoded(ray_cluster, tmp_path_factory, s3_client_module):
     import torch
 
-    from tessera.data.encode import run_encode
+    from tessera import artifacts
     from tessera.data.prepare import run_prepare
+    from tessera.inference.encode import run_encode
     from tessera.models.dvae import DVAE, NAMED_SHAPES
-    from tessera.training.export import save_dvae
 
     root = tmp_path_factory.mktemp("encode")
     bucket = s3_client_module
@@ -45,7 +45,7 @@ def encoded(ray_cluster, tmp_path_factory, s3_client_module):
     bad_keys = _damage_one_shard(cfg, prepared)
     torch.manual_seed(0)
     model = DVAE(NAMED_SHAPES["debug"]).eval()
-    save_dvae(model.state_dict(), model.shape, cfg.encode_dvae_uri, step=0)
+    artifacts.export("dvae", model.state_dict(), model.shape, cfg.paths.encode_dvae, step=0)
     return cfg, prepared, run_encode(cfg), bad_keys, model
 
 
@@ -62,9 +62,9 @@ def s3_client_module(s3_server):
 
 def _shards(cfg, manifest, split):
     from tessera import storage
-    from tessera.data.encode import read_token_shard
+    from tessera.inference.encode import read_token_shard
 
-    return [(e, read_token_shard(storage.join(cfg.tokens_uri, e["path"]))) for e in manifest["splits"][split]["shards"]]
+    return [(e, read_token_shard(storage.join(cfg.paths.tokens, e["path"]))) for e in manifest["splits"][split]["shards"]]
 
 
 def test_token_shards_match_manifest_and_skip_bad_samples(encoded):
@@ -98,7 +98,7 @@ def test_tokens_are_the_dvae_codes_and_roundtrip_psnr_is_what_decode_gives(encod
 
     cfg, prepared, manifest, _, model = encoded
     (entry, table), = _shards(cfg, manifest, "val")
-    src = storage.join(cfg.data_uri, prepared["splits"]["val"]["shards"][0]["path"])
+    src = storage.join(cfg.paths.data, prepared["splits"]["val"]["shards"][0]["path"])
     samples = {s.key: s.files for s in iter_tar_samples(io.BytesIO(storage.read_bytes(src)), TarReadResult())}
     keys = table.column("key").to_pylist()
     assert keys == list(samples)  # order kept, nothing lost
@@ -113,14 +113,14 @@ def test_tokens_are_the_dvae_codes_and_roundtrip_psnr_is_what_decode_gives(encod
     assert "train" not in manifest["roundtrip_psnr"]
 
     # Caption ids decode back to the caption, and the tokenizer travels with the shards.
-    tok = CaptionTokenizer.from_json(storage.read_bytes(storage.join(cfg.tokens_uri, "tokenizer.json")).decode())
+    tok = CaptionTokenizer.from_json(storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode())
     for key, caption, ids in zip(keys, table.column("caption").to_pylist(), table.column("text_ids").to_pylist(), strict=True):
         assert caption == samples[key]["txt"].decode()
         assert tok.decode(np.array([ids]))[0] == caption
 
 def test_rerun_keeps_published_tokens_unless_overwrite(encoded):
     from tessera import storage
-    from tessera.data.encode import run_encode
+    from tessera.inference.encode import run_encode
 
     cfg, _, manifest, _, _ = encoded
     assert run_encode(cfg)["generation"] == manifest["generation"]  # published: left alone
@@ -128,5 +128,5 @@ def test_rerun_keeps_published_tokens_unless_overwrite(encoded):
     assert redo["generation"] != manifest["generation"]
     assert redo["splits"] == {s: {**v, "shards": [{**e, "path": e["path"].replace(manifest["generation"], redo["generation"])}
                                                   for e in v["shards"]]} for s, v in manifest["splits"].items()}
-    old_shard = storage.join(cfg.tokens_uri, manifest["splits"]["val"]["shards"][0]["path"])
+    old_shard = storage.join(cfg.paths.tokens, manifest["splits"]["val"]["shards"][0]["path"])
     assert not storage.exists(old_shard)  # the superseded generation is gone

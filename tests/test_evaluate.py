@@ -12,7 +12,7 @@ import pytest
 from bundles import make_bundle
 
 from tessera.data import shapes
-from tessera.evaluation.scenes import (
+from tessera.inference.evaluation.scenes import (
     HEADS,
     LAYOUTS,
     NUM_LABELS,
@@ -89,7 +89,7 @@ def test_scoring_rules_on_hand_built_predictions():
 
 
 def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path):
-    from tessera.evaluation.classifier import (
+    from tessera.inference.evaluation.classifier import (
         ClassifierSpec,
         ensure_classifier,
         load_classifier,

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from bundles import make_bundle
 
-from tessera.data.generate import Sampling, caption_seed, draw_candidates, rank_candidates, read_captions
+from tessera.inference.batch_generate import (
+    Sampling,
+    caption_seed,
+    draw_candidates,
+    rank_candidates,
+    read_captions,
+)
 
 
 @pytest.fixture(scope="module")

@@ -64,12 +64,13 @@ def test_powersgd_and_zeropp_two_nodes_of_two_ranks(ray_cluster, tmp_path):
     # are not DeepSpeed's world-wide layout): every parameter, and the model they make works.
     import torch
 
-    from tessera.training.export import export_prior, load_prior
+    from tessera import artifacts
+    from tessera.training.checkpoint import export_checkpoint
 
     with run.results["powersgd"].checkpoint.as_directory() as ckpt:
-        meta = export_prior(ckpt, str(tmp_path / "export"))
+        meta = export_checkpoint("prior", ckpt, str(tmp_path / "export"))
     assert meta["step"] == 6 and meta["num_parameters"] > 3_000_000
-    model = load_prior(str(tmp_path / "export"))
+    model = artifacts.load("prior", str(tmp_path / "export"))
     rows = synthetic_rows(10_000_000, 8, text_len=6)
     with torch.no_grad():
         out = model(torch.as_tensor(rows["text_ids"]).long(), torch.as_tensor(rows["text_mask"]),

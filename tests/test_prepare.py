@@ -125,7 +125,7 @@ def test_shapes_heldout_never_in_training(ray_cluster, tmp_path):
                                 "data.source.shapes.num_heldout=60", "data.resolution=32", "data.samples_per_shard=128",
                                 "data.source.shapes.image_size=32"])
     manifest = run_prepare(cfg)
-    out = read_output(cfg.data_uri, manifest)
+    out = read_output(cfg.paths.data, manifest)
     assert len(out["heldout"]) == 60 and len(out["train"]) + len(out["val"]) == 600
     assert manifest["shapes"]["held_out"] == sorted(f"{c} {s}" for c, s in DEFAULT_HELD_OUT)
     for split, rows in out.items():

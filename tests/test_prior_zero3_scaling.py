@@ -25,9 +25,9 @@ def _batch():
 def zero3_group():
     saved = dict(os.environ)
     os.environ["DS_ACCELERATOR"] = "cpu"
-    from tessera.training.common import init_distributed
+    from tessera.training.skeleton import join_process_group
 
-    init_distributed("gloo")
+    join_process_group(use_gpu=False)
     yield
     torch.distributed.destroy_process_group()
     os.environ.clear()

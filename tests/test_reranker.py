@@ -122,25 +122,27 @@ def _checkpoint_with(model: Reranker, path: Path, *, step: int, retrieval: dict 
     """A checkpoint folder as the loop writes one when it keeps a parameter EMA (no DeepSpeed shards needed)."""
     from safetensors.torch import save_file
 
-    from tessera.training.common import EMA_FILE, STATE_FILE
+    from tessera.training.checkpoint import EMA_FILE, STATE_FILE
 
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps({"step": step, "shape": model.shape.to_dict(), "retrieval": retrieval}))
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "shape": model.shape.to_dict(),
+                                                "export": {"retrieval": retrieval} if retrieval else {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / EMA_FILE))
     return str(path)
 
 
 def test_export_and_load_give_identical_scores(tmp_path):
-    from tessera.training.export import RERANKER_KIND, export_reranker, load_reranker
+    from tessera import artifacts
+    from tessera.training.checkpoint import export_checkpoint
 
     torch.manual_seed(0)
     model = Reranker(TINY).eval()
     ckpt = _checkpoint_with(model, tmp_path / "ckpt", step=7, retrieval={"val_pairs": 16, "val_t2i_top1": 0.5})
-    meta = export_reranker(ckpt, str(tmp_path / "export"))
-    assert meta["kind"] == RERANKER_KIND and meta["step"] == 7 and meta["weights"] == "ema"
+    meta = export_checkpoint("reranker", ckpt, str(tmp_path / "export"))
+    assert meta["kind"] == artifacts.PARTS["reranker"].kind and meta["step"] == 7 and meta["weights"] == "ema"
     assert meta["retrieval"]["val_t2i_top1"] == 0.5
     assert meta["num_parameters"] == sum(p.numel() for p in model.parameters())
-    loaded = load_reranker(str(tmp_path / "export"))
+    loaded = artifacts.load("reranker", str(tmp_path / "export"))
     assert loaded.shape == TINY and not loaded.training
     ids, mask = captions(5)
     images = torch.rand(5, 3, 48, 48)
@@ -149,14 +151,15 @@ def test_export_and_load_give_identical_scores(tmp_path):
 
 
 def test_load_refuses_another_kind_of_export(tmp_path):
-    from tessera.training.export import RERANKER_META, export_reranker, load_reranker
+    from tessera import artifacts
+    from tessera.training.checkpoint import export_checkpoint
 
-    export_reranker(_checkpoint_with(Reranker(TINY), tmp_path / "ckpt", step=1), str(tmp_path / "export"))
-    meta_path = tmp_path / "export" / RERANKER_META
+    export_checkpoint("reranker", _checkpoint_with(Reranker(TINY), tmp_path / "ckpt", step=1), str(tmp_path / "export"))
+    meta_path = tmp_path / "export" / artifacts.PARTS["reranker"].meta
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(meta | {"kind": "tessera.prior"}))
     with pytest.raises(ValueError, match="not a tessera reranker export.*tessera.prior"):
-        load_reranker(str(tmp_path / "export"))
+        artifacts.load("reranker", str(tmp_path / "export"))
 
 
 def test_shape_and_config_errors_name_their_field(tmp_path):
@@ -168,7 +171,7 @@ def test_shape_and_config_errors_name_their_field(tmp_path):
     cfg = load_config("debug", [f"run.root_uri={tmp_path}"])
     shape = reranker_shape(cfg, manifest)
     assert (shape.text_vocab, shape.text_len, shape.image_size) == (300, cfg.loader.text_len, 32)  # the debug dVAE's size
-    assert cfg.reranker_uri == f"{tmp_path}/reranker"
+    assert cfg.paths.reranker == f"{tmp_path}/reranker"
     with pytest.raises(ValueError, match="reranker.image_size=36"):
         reranker_shape(load_config("debug", ["reranker.image_size=36"]), manifest)
     with pytest.raises(ValueError, match="tokenizer.vocab_size"):
@@ -185,7 +188,7 @@ def test_train_reranker_job_through_ray_train_checkpoints_and_exports(ray_cluste
     DeepSpeed (ZeRO-1 on gloo), checkpoint twice, measure retrieval, and the export loads
     without DeepSpeed or Ray."""
     from tessera.data.prepare import run_prepare
-    from tessera.training.reranker_job import fit_reranker
+    from tessera.training.ray_io import fit
 
     cfg = load_config("debug", [f"run.root_uri={tmp_path}", "data.source.shapes.num_samples=240",
                                 "data.source.shapes.num_heldout=0", "data.source.shapes.image_size=32",
@@ -195,7 +198,7 @@ def test_train_reranker_job_through_ray_train_checkpoints_and_exports(ray_cluste
                                 "reranker.report_every=2", "reranker.checkpoint_every=2", "reranker.eval_every=4",
                                 "reranker.val_pairs=16"])
     manifest = run_prepare(cfg)
-    result = fit_reranker(cfg)
+    result = fit(cfg, "reranker")
     m = result.metrics
     assert m["step"] == 4 and m["val_step"] == 4 and m["val_pairs"] == 16 and m["val_chance"] == 1 / 16
     for key in ("val_t2i_top1", "val_i2t_top1", "val_t2i_top1_caption", "val_i2t_top1_caption"):
@@ -203,15 +206,15 @@ def test_train_reranker_job_through_ray_train_checkpoints_and_exports(ray_cluste
     assert m["val_t2i_top1_caption"] >= m["val_t2i_top1"]
     assert m["loss"] > 0 and m["samples_per_s"] > 0
 
-    export = Path(cfg.reranker_uri) / "export"
+    export = Path(cfg.paths.reranker) / "export"
     meta = json.loads((export / "reranker.json").read_text())
     assert meta["step"] == 4 and meta["weights"] == "trained" and meta["retrieval"]["val_pairs"] == 16
     assert meta["shape"]["text_vocab"] == manifest["tokenizer"]["vocab_size"]
     assert meta["data"]["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
     code = (
         "import sys, torch\n"
-        "from tessera.training.export import load_reranker\n"
-        f"m = load_reranker({str(export)!r})\n"
+        "from tessera import artifacts\n"
+        f"m = artifacts.load('reranker', {str(export)!r})\n"
         "ids = torch.randint(1, m.shape.text_vocab, (3, m.shape.text_len))\n"
         "s = m.score(ids, torch.ones_like(ids, dtype=torch.bool), torch.rand(3, 3, 32, 32))\n"
         "assert s.shape == (3,) and bool(torch.isfinite(s).all())\n"

@@ -15,7 +15,8 @@ from PIL import Image
 
 from serve.api import ApiError, Limits, check_content_type, generation_kwargs, parse_request
 from serve.args import AppArgs, parse_args
-from serve.images import ImageStore, encode_png
+from serve.images import ImageStore
+from tessera.viz import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(model_name="m", resolution=32, has_reranker=True, max_prompt_chars=50, max_n=10, max_candidates=16)
@@ -159,10 +160,10 @@ def test_content_type_must_be_json():
 
 def test_png_encoding_round_trips():
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    back = np.asarray(Image.open(io.BytesIO(encode_png(img))))
+    back = np.asarray(Image.open(io.BytesIO(png_bytes(img))))
     np.testing.assert_array_equal(back, img)
     with pytest.raises(ValueError, match="uint8"):
-        encode_png(img.astype(np.float32))
+        png_bytes(img.astype(np.float32))
 
 
 def test_image_store_expires_by_age_and_evicts_oldest_past_the_byte_bound():

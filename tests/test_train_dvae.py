@@ -101,16 +101,16 @@ def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path
     assert {"val_psnr", "val_codes_used", "val_perplexity", "psnr", "kl", "tau", "beta", "samples_per_s"} <= set(last)
 
     # Export the ZeRO-3-sharded checkpoint; load it in a process without DeepSpeed or Ray.
-    from tessera.training.export import export_dvae
+    from tessera.training.checkpoint import export_checkpoint
 
     with straight_result.checkpoint.as_directory() as d:
         assert json.loads(Path(d, "data_manifest.json").read_text())["seed"] == 1
-        meta = export_dvae(d, str(tmp_path / "export"))
+        meta = export_checkpoint("dvae", d, str(tmp_path / "export"))
     assert meta["step"] == 6 and meta["shape"]["num_tokens"] == 64 and meta["weights"] == "ema"
     code = (
         "import sys, torch\n"
-        "from tessera.training.export import load_dvae\n"
-        f"m = load_dvae({str(tmp_path / 'export')!r})\n"
+        "from tessera import artifacts\n"
+        f"m = artifacts.load('dvae', {str(tmp_path / 'export')!r})\n"
         "y = m.decode(m.encode(torch.rand(2, 3, 32, 32)))\n"
         "assert y.shape == (2, 3, 32, 32)\n"
         "assert not {'deepspeed', 'ray'} & set(sys.modules), sorted(sys.modules)\n"

@@ -117,12 +117,13 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     assert steps == [1, 2, 3, 4, 4, 5, 6]
     assert result.checkpoint is not None
 
-    from tessera.training.export import export_prior, load_prior
+    from tessera import artifacts
+    from tessera.training.checkpoint import export_checkpoint
 
     with result.checkpoint.as_directory() as ckpt:
-        meta = export_prior(ckpt, str(tmp_path / "export"))
+        meta = export_checkpoint("prior", ckpt, str(tmp_path / "export"))
     assert meta["step"] == 6 and meta["weights"] == "trained" and meta["tokens"] == MANIFEST
-    model = load_prior(str(tmp_path / "export"))
+    model = artifacts.load("prior", str(tmp_path / "export"))
     assert model.shape.grid == MANIFEST["grid_size"] and model.shape.text_vocab == MANIFEST["text_vocab_size"]
 
 
@@ -132,7 +133,7 @@ def _write_token_dataset(uri: str, dvae_uri: str, *, grid: int, vocab: int, text
     import pyarrow.parquet as pq
 
     from tessera import storage
-    from tessera.data.encode import MANIFEST_KIND, token_schema
+    from tessera.data.token_loader import MANIFEST_KIND, token_schema
 
     splits = {}
     for split, shards in (("train", 2), ("val", 1)):
@@ -165,29 +166,30 @@ def test_train_prior_job_streams_token_shards_from_s3_and_exports(ray_cluster, s
 
     import torch
 
-    from tessera import storage
+    from tessera import artifacts
     from tessera.models.dvae import DVAE, NAMED_SHAPES
-    from tessera.training.export import load_prior, save_dvae
-    from tessera.training.prior_job import fit_prior
+    from tessera.training.ray_io import fit
 
     bucket = f"tessera-prior-{uuid.uuid4().hex[:8]}"
     s3_client.create_bucket(Bucket=bucket)
     torch.manual_seed(0)
     dvae = DVAE(NAMED_SHAPES["debug"])  # 8×8 grid of 128 codes: the sample grid decodes with it
     dvae_uri = f"s3://{bucket}/dvae/export"
-    save_dvae(dvae.state_dict(), dvae.shape, dvae_uri, step=0)
+    artifacts.export("dvae", dvae.state_dict(), dvae.shape, dvae_uri, step=0)
     tokens_uri = f"s3://{bucket}/tokens"
     _write_token_dataset(tokens_uri, dvae_uri, grid=8, vocab=128, text_vocab=30)
     cfg = load_config("debug", [*TINY, f"run.root_uri={tmp_path}", f"prior.tokens_uri={tokens_uri}",
                                 "prior.steps=4", "prior.checkpoint_every=4", "prior.eval_every=4",
                                 "prior.report_every=2", "ray.data_cpu_limit=1", "loader.local_shuffle_buffer=16"])
-    result = fit_prior(cfg)
+    result = fit(cfg, "prior")
     assert result.metrics["step"] == 4
     assert result.metrics["val_image_loss"] > 0 and result.metrics["val_image_loss_uncond"] > 0
-    model = load_prior(storage.join(cfg.prior_uri, "export"))
+    model = artifacts.load("prior", cfg.paths.export("prior"))
     assert (model.shape.grid, model.shape.image_vocab, model.shape.text_vocab, model.shape.text_len) == (8, 128, 30, 6)
-    grid = Path(cfg.prior_uri) / "samples" / "step-0000004.png"
+    grid = Path(cfg.paths.prior) / "samples" / "step-0000004.png"
     from PIL import Image
 
-    with Image.open(grid) as im:  # 2 captions: the reference and 2 samples of 32 px, 4× upscaled; text strips
-        assert im.size == (3 * (128 + 2) + 2, 2 * (128 + 12 + 2))
+    with Image.open(grid) as im:
+        # 2 rows (a caption strip of 12 px above each): the reference and 2 samples of 32 px, 4×
+        # upscaled, 2 px apart, with 2 px more after the reference column (tessera.viz.grid_png).
+        assert im.size == (3 * (128 + 2) + 2 + 2, 2 + 2 * (12 + 128 + 2))

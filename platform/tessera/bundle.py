@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from tessera import storage
-from tessera.training import export as exports
+from tessera import artifacts, published, storage
 
-MANIFEST = "manifest.json"
+MANIFEST = published.MANIFEST
 TOKENIZER = "tokenizer.json"
 KIND = "tessera.bundle"
 FORMAT_VERSION = 1
-PARTS = {"dvae": (exports.WEIGHTS, exports.META), "prior": (exports.PRIOR_WEIGHTS, exports.PRIOR_META),
-         "reranker": ("reranker.safetensors", "reranker.json")}
-KINDS = {"dvae": exports.KIND, "prior": exports.PRIOR_KIND, "reranker": "tessera.reranker"}
 
 
 class BundleError(ValueError):
@@ -71,25 +66,10 @@ def _json(uri: str, data: bytes) -> dict:
 
 def _build_model(part: str, meta: dict, weights: bytes, where: str):
     """A model from its export's JSON and safetensors bytes (strict: every tensor must fit)."""
-    from safetensors.torch import load
-
-    if meta.get("kind") != KINDS[part]:
-        raise BundleError(f"{where}: expected a {KINDS[part]} export, found kind={meta.get('kind')!r}")
-    if part == "dvae":
-        from tessera.models.dvae import DVAE as Model
-        from tessera.models.dvae import DVAEShape as Shape
-    elif part == "prior":
-        from tessera.models.prior import Prior as Model
-        from tessera.models.prior import PriorShape as Shape
-    else:
-        from tessera.models.reranker import Reranker as Model
-        from tessera.models.reranker import RerankerShape as Shape
     try:
-        model = Model(Shape(**meta["shape"]))
-        model.load_state_dict(load(weights))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{where}: weights do not fit the {part} shape in its JSON ({e})") from None
-    return model.eval()
+        return artifacts.build(part, meta, weights, where=where)
+    except artifacts.ArtifactError as e:
+        raise BundleError(str(e)) from None
 
 
 def check_consistent(tokenizer_vocab: int, models: dict) -> None:
@@ -128,7 +108,7 @@ def write_bundle(out_uri: str, *, dvae_uri: str, prior_uri: str, tokenizer_uri: 
     for part, src in (("dvae", dvae_uri), ("prior", prior_uri), ("reranker", reranker_uri)):
         if src is None:
             continue
-        weights_name, meta_name = PARTS[part]
+        weights_name, meta_name = artifacts.PARTS[part].weights, artifacts.PARTS[part].meta
         meta_bytes = storage.read_bytes(storage.join(src, meta_name), options)
         weights = storage.read_bytes(storage.join(src, weights_name), options)
         metas[part] = _json(storage.join(src, meta_name), meta_bytes)
@@ -144,11 +124,8 @@ def write_bundle(out_uri: str, *, dvae_uri: str, prior_uri: str, tokenizer_uri: 
 
     for fname, data in files.items():
         storage.write_bytes(storage.join(out_uri, fname), data, options)
-    from tessera.cluster import code_version
-
     manifest = {
-        "kind": KIND, "format_version": FORMAT_VERSION, "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "code_version": code_version(),
+        **published.header(KIND, format_version=FORMAT_VERSION), "name": name,
         "resolution": models["dvae"].shape.image_size, "text_len": models["prior"].shape.text_len,
         "has_reranker": "reranker" in models,
         "parts": {part: {"shape": m["shape"], "step": m.get("step"), "weights": m.get("weights"),
@@ -191,9 +168,10 @@ def load_bundle(uri: str, *, options: storage.StorageOptions | None = None, devi
         return data
 
     models = {}
-    for part, (weights_name, meta_name) in PARTS.items():
+    for part, p in artifacts.PARTS.items():
         if part == "reranker" and not manifest.get("has_reranker"):
             continue
+        weights_name, meta_name = p.weights, p.meta
         meta = _json(storage.join(uri, meta_name), read(meta_name))
         models[part] = _build_model(part, meta, read(weights_name), storage.join(uri, weights_name)).to(device)
     tokenizer = CaptionTokenizer.from_json(read(TOKENIZER).decode())
@@ -207,19 +185,19 @@ def export_bundle(cfg) -> dict:
     encoded with (as the prior's export records), the tokenizer of those tokens, and the
     reranker's export when there is one."""
     opts = storage.StorageOptions.from_config(cfg.storage)
-    prior_uri = cfg.export.prior_uri or storage.join(cfg.prior_uri, "export")
-    prior_meta_uri = storage.join(prior_uri, exports.PRIOR_META)
+    prior_uri = cfg.paths.bundle_prior
+    prior_meta_uri = storage.join(prior_uri, artifacts.PARTS["prior"].meta)
     if not storage.exists(prior_meta_uri, opts):
         raise BundleError(f"{prior_meta_uri}: no prior export (run jobs/train_prior.py first, or set export.prior_uri)")
     tokens = _json(prior_meta_uri, storage.read_bytes(prior_meta_uri, opts)).get("tokens") or {}
-    dvae_uri = (tokens.get("dvae") or {}).get("uri") or cfg.encode_dvae_uri
-    tokenizer_uri = storage.join(cfg.prior_tokens_uri, TOKENIZER)
+    dvae_uri = (tokens.get("dvae") or {}).get("uri") or cfg.paths.encode_dvae
+    tokenizer_uri = storage.join(cfg.paths.prior_tokens, TOKENIZER)
     want = (tokens.get("tokenizer") or {}).get("sha256")
     if want and _sha256(storage.read_bytes(tokenizer_uri, opts)) != want:
         raise BundleError(f"{tokenizer_uri}: not the tokenizer the prior at {prior_uri} was trained with (sha256 differs)")
-    reranker_uri = storage.join(cfg.reranker_uri, "export") if cfg.export.include_reranker else None
-    if reranker_uri and not storage.exists(storage.join(reranker_uri, PARTS["reranker"][1]), opts):
+    reranker_uri = cfg.paths.export("reranker") if cfg.export.include_reranker else None
+    if reranker_uri and not storage.exists(storage.join(reranker_uri, artifacts.PARTS["reranker"].meta), opts):
         reranker_uri = None
-    return write_bundle(cfg.bundle_uri, dvae_uri=dvae_uri, prior_uri=prior_uri, tokenizer_uri=tokenizer_uri,
+    return write_bundle(cfg.paths.bundle, dvae_uri=dvae_uri, prior_uri=prior_uri, tokenizer_uri=tokenizer_uri,
                         reranker_uri=reranker_uri, name=cfg.bundle_name, overwrite=cfg.export.overwrite,
                         sources={"run": cfg.run.name}, options=opts)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 log = logging.getLogger("tessera")
 
@@ -59,19 +57,3 @@ def configure_data_context(ray_cfg) -> None:
     ctx.enable_progress_bars = True
     if ray_cfg.data_cpu_limit is not None:
         ctx.execution_options.resource_limits = ExecutionResources(cpu=ray_cfg.data_cpu_limit)
-
-
-def code_version() -> str:
-    """The git commit this code came from when there is one (a dev checkout), else the package
-    version (a cluster working_dir upload has no .git)."""
-    from tessera import __version__
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__

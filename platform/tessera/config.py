@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tessera import storage
+from tessera.paths import RunPaths
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -355,7 +356,7 @@ class ExportConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """The shapes attribute classifier evaluation scores images with (tessera.evaluation.classifier):
+    """The shapes attribute classifier evaluation scores images with (tessera.inference.evaluation.classifier):
     a small CNN trained on its own renders of every colour/shape pair, held-out ones included."""
 
     width: int = Field(16, ge=4, le=256)  # channels of its full-resolution convs (doubled after each pooling)
@@ -461,36 +462,9 @@ class TesseraConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     @property
-    def data_uri(self) -> str:
-        return self.data.output_uri or storage.join(self.run.root_uri, "data")
-
-    @property
-    def dvae_uri(self) -> str:
-        return self.dvae.output_uri or storage.join(self.run.root_uri, "dvae")
-
-    @property
-    def encode_dvae_uri(self) -> str:
-        return self.encode.dvae_uri or storage.join(self.dvae_uri, "export")
-
-    @property
-    def tokens_uri(self) -> str:
-        return self.encode.output_uri or storage.join(self.run.root_uri, "tokens")
-
-    @property
-    def prior_tokens_uri(self) -> str:
-        return self.prior.tokens_uri or self.tokens_uri
-
-    @property
-    def prior_uri(self) -> str:
-        return self.prior.output_uri or storage.join(self.run.root_uri, "prior")
-
-    @property
-    def reranker_uri(self) -> str:
-        return self.reranker.output_uri or storage.join(self.run.root_uri, "reranker")
-
-    @property
-    def bundle_uri(self) -> str:
-        return self.export.output_uri or storage.join(self.run.root_uri, "bundle")
+    def paths(self) -> RunPaths:
+        """Every stage's location: its section's own URI, else its default under run.root_uri."""
+        return RunPaths.of(self)
 
     @property
     def bundle_name(self) -> str:

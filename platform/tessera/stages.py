@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tessera import storage
+from tessera import artifacts, published, storage
 from tessera.config import TesseraConfig
-from tessera.evaluation.run import REPORT, bundle_uri, output_uri
-from tessera.training import export as exports
+from tessera.paths import REPORT
 
 
 @dataclass(frozen=True)
@@ -34,14 +33,15 @@ def _read(uri: str, opts) -> dict | None:
 
 def _manifest(uri_of: Callable[[TesseraConfig], str]):
     def state(cfg, opts):
-        uri = storage.join(uri_of(cfg), "manifest.json")
+        uri = storage.join(uri_of(cfg), published.MANIFEST)
         return uri if _read(uri, opts) is not None else None
     return state
 
 
-def _export(uri_of: Callable[[TesseraConfig], str], meta: str, section: str):
+def _export(section: str):
+    """Done when the stage's export is at the configured step count."""
     def state(cfg, opts):
-        uri = storage.join(uri_of(cfg), "export", meta)
+        uri = storage.join(cfg.paths.export(section), artifacts.PARTS[section].meta)
         m = _read(uri, opts)
         if m is None or int(m.get("step", -1)) < getattr(cfg, section).steps:
             return None
@@ -51,24 +51,23 @@ def _export(uri_of: Callable[[TesseraConfig], str], meta: str, section: str):
 
 def _bundle(cfg, opts):
     """Done when the bundle holds exactly the steps of the exports it is built from."""
-    m = _read(storage.join(cfg.bundle_uri, "manifest.json"), opts)
+    m = _read(storage.join(cfg.paths.bundle, published.MANIFEST), opts)
     if m is None:
         return None
-    for part, uri, meta in (("dvae", cfg.encode_dvae_uri, exports.META),
-                            ("prior", storage.join(cfg.prior_uri, "export"), exports.PRIOR_META),
-                            ("reranker", storage.join(cfg.reranker_uri, "export"), exports.RERANKER_META)):
-        source = _read(storage.join(uri, meta), opts)
+    for part, uri in (("dvae", cfg.paths.encode_dvae), ("prior", cfg.paths.export("prior")),
+                      ("reranker", cfg.paths.export("reranker"))):
+        source = _read(storage.join(uri, artifacts.PARTS[part].meta), opts)
         have = (m.get("parts") or {}).get(part)
         if source is not None and (have is None or have.get("step") != source.get("step")):
             return None
-    return storage.join(cfg.bundle_uri, "manifest.json")
+    return storage.join(cfg.paths.bundle, published.MANIFEST)
 
 
 def _evaluation(cfg, opts):
     """Done when the report is of the bundle that is there now (the same parts at the same steps)."""
-    uri = storage.join(output_uri(cfg), REPORT)
+    uri = storage.join(cfg.paths.eval, REPORT)
     report = _read(uri, opts)
-    bundle = _read(storage.join(bundle_uri(cfg), "manifest.json"), opts)
+    bundle = _read(storage.join(cfg.paths.eval_bundle, published.MANIFEST), opts)
     if report is None or bundle is None:
         return None
     steps = {part: m.get("step") for part, m in (bundle.get("parts") or {}).items()}
@@ -76,13 +75,11 @@ def _evaluation(cfg, opts):
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "image shards + tokenizer", _manifest(lambda c: c.data_uri)),
-    Stage("train_dvae", "stage 1: the dVAE", _export(lambda c: c.dvae_uri, exports.META, "dvae"), ("prepare",)),
-    Stage("encode", "images -> tokens", _manifest(lambda c: c.tokens_uri), ("prepare", "train_dvae")),
-    Stage("train_prior", "stage 2: the prior", _export(lambda c: c.prior_uri, exports.PRIOR_META, "prior"), ("encode",)),
-    Stage("train_reranker", "the reranker", _export(lambda c: c.reranker_uri, exports.RERANKER_META,
-                                                    "reranker"),
-          ("prepare",)),
+    Stage("prepare", "image shards + tokenizer", _manifest(lambda c: c.paths.data)),
+    Stage("train_dvae", "stage 1: the dVAE", _export("dvae"), ("prepare",)),
+    Stage("encode", "images -> tokens", _manifest(lambda c: c.paths.tokens), ("prepare", "train_dvae")),
+    Stage("train_prior", "stage 2: the prior", _export("prior"), ("encode",)),
+    Stage("train_reranker", "the reranker", _export("reranker"), ("prepare",)),
     Stage("export", "the model bundle", _bundle, ("train_dvae", "train_prior", "train_reranker")),
     Stage("evaluate", "generated images scored", _evaluation, ("export",)),
 )

@@ -17,14 +17,13 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tessera import storage
+from tessera import published, storage
 from tessera.config import TesseraConfig
-from tessera.data import plan, preprocess, published, sources
+from tessera.data import plan, preprocess, sources
 from tessera.data.tar import write_tar
 from tessera.data.tokenizer import train_tokenizer
 
@@ -45,7 +44,7 @@ def preflight(cfg: TesseraConfig) -> list[str]:
     """Everything that can be checked before work starts: the output is writable, the inputs
     exist, Parquet has the configured columns. Returns the input file URIs."""
     opts = _options(cfg)
-    storage.require_writable(cfg.data_uri, opts)
+    storage.require_writable(cfg.paths.data, opts)
     src = cfg.data.source
     if src.kind == "shapes":
         return []
@@ -149,7 +148,7 @@ def _split_counts(block: pa.Table, first_order: dict[str, int]) -> dict[str, int
 
 
 def existing_manifest(cfg: TesseraConfig) -> dict | None:
-    return published.existing(cfg.data_uri, _options(cfg))
+    return published.existing(cfg.paths.data, _options(cfg))
 
 
 def run_prepare(cfg: TesseraConfig) -> dict:
@@ -161,7 +160,7 @@ def run_prepare(cfg: TesseraConfig) -> dict:
     old = existing_manifest(cfg)
     if old is not None and not cfg.data.overwrite:
         log.info("%s already holds a prepared dataset (%s); set data.overwrite=true to redo it",
-                 cfg.data_uri, {s: v["num_samples"] for s, v in old["splits"].items()})
+                 cfg.paths.data, {s: v["num_samples"] for s, v in old["splits"].items()})
         return old
 
     # Blocks come out in input order (file, then position in file), so shard contents do not
@@ -179,8 +178,8 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
     from ray.data.expressions import col
 
     opts = _options(cfg)
-    published.clear_unpublished_generations(cfg.data_uri, opts, keep=old["generation"] if old else None)
-    generation = f"gen-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{storage.unique_suffix()[:6]}"
+    published.clear_unpublished_generations(cfg.paths.data, opts, keep=old["generation"] if old else None)
+    generation = published.new_generation()
     rules = preprocess.Rules.from_config(cfg.data)
 
     # 1. Read + process; the result holds resized images only, so it is small enough to keep.
@@ -223,7 +222,7 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
         for i, slices in enumerate(shards):
             rel = f"{generation}/{split}/{plan.shard_name(i)}"
             pieces = [(refs[s.block], s.start, s.stop) for s in slices]
-            pending.append(write_task.remote(pieces, split=split, uri=storage.join(cfg.data_uri, rel),
+            pending.append(write_task.remote(pieces, split=split, uri=storage.join(cfg.paths.data, rel),
                                              image_ext=image_ext, first_order=first_ref, opts=opts))
             entries.append({"path": rel, "num_samples": sum(s.stop - s.start for s in slices)})
         splits[split] = {"num_samples": sum(per_block), "shards": entries}
@@ -254,22 +253,16 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
     tok = train_tokenizer(captions(), vocab_size=cfg.tokenizer.vocab_size,
                           min_frequency=cfg.tokenizer.min_frequency, lowercase=cfg.tokenizer.lowercase)
     tok_json = tok.to_str()
-    storage.write_text(storage.join(cfg.data_uri, TOKENIZER), tok_json, opts)
+    storage.write_text(storage.join(cfg.paths.data, TOKENIZER), tok_json, opts)
 
     # 5. The manifest publishes the dataset; only then is the previous generation removed.
-    from tessera.cluster import code_version
-
     kept_total = sum(s["num_samples"] for s in splits.values())
     skipped = {r: int(reasons.get(r, 0)) for r in preprocess.REASONS}
     # File-level damage rows stand for a file, not a sample.
     input_samples = kept_total + sum(n for r, n in skipped.items() if r not in FILE_LEVEL_REASONS)
     wall = time.time() - started
     manifest = {
-        "kind": MANIFEST_KIND,
-        "format_version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "generation": generation,
+        **published.header(MANIFEST_KIND, generation=generation),
         "source": {"kind": cfg.data.source.kind, "uri": cfg.data.source.uri, "num_files": len(files)},
         "resolution": cfg.data.resolution,
         "image_format": image_ext,
@@ -291,7 +284,7 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
         held = cfg.data.source.shapes.held_out
         pairs = shapes.validate_held_out(held) if held is not None else shapes.DEFAULT_HELD_OUT
         manifest["shapes"] = {"held_out": sorted(f"{c} {s}" for c, s in pairs)}
-    published.publish(cfg.data_uri, manifest, opts, old)
+    published.publish(cfg.paths.data, manifest, opts, old)
     return manifest
 
 

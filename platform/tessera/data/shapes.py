@@ -26,13 +26,14 @@ objects keep >= 0.04 of the image (1.28 px at 32 px) from each other and >= 0.02
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tessera.viz import png_bytes
 
 # Hues >= 30 degrees apart plus white; min pairwise RGB distance ~105 (red/orange, orange/yellow).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -280,13 +281,11 @@ def render_sample(
         _draw_shape(draw, obj["shape"], box, COLOURS[obj["colour"]])
         obj["bbox"] = [v / SUPERSAMPLE for v in box]
     image = canvas.resize((int(image_size), int(image_size)), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
 
     prefix = "shapes" if split == "train" else "heldout"
     return ShapesSample(
         key=f"{prefix}-{int(index):08d}",
-        image_png=buf.getvalue(),
+        image_png=png_bytes(image),
         caption=describe(attributes),
         attributes=attributes,
     )

@@ -186,6 +186,22 @@ class DVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(self.decoder(z)[:, :3]))
 
 
+def to_model_input(images, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) (a tensor or numpy array) -> float (B, 3, size, size) in [0, 1],
+    area-resized when the data is not at the model's resolution; float (B, 3, H, W) is resized only."""
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x
+
+
+def to_pixels(images: torch.Tensor):
+    """float (B, 3, S, S) in [0, 1] -> uint8 numpy (B, S, S, 3): what PNGs and classifiers take."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean PSNR in dB of images in [0, 1]: (B, 3, S, S) each."""
     mse = ((a - b) ** 2).flatten(1).mean(dim=1).clamp(min=1e-10)

@@ -57,10 +57,6 @@ class ReduceStats:
     def sent_bytes(self) -> int:
         return self.sent_elements * self.element_bytes
 
-    @property
-    def dense_bytes(self) -> int:
-        return self.dense_elements * self.element_bytes
-
 
 AllReduce = Callable[[torch.Tensor], None]
 

@@ -55,9 +55,6 @@ class NodeLayout:
         k = self.ranks_per_node
         return [[g[i] for g in self.node_groups()] for i in range(k)]
 
-    def group_of(self, rank: int, groups: list[list[int]]) -> list[int]:
-        return next(g for g in groups if rank in g)
-
 
 def make_process_groups(layout: NodeLayout, rank: int):
     """(node group, replica group) of `rank` as torch.distributed groups. Every rank creates every

@@ -15,12 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from tessera.models.dvae import to_pixels
 from tessera.sampling.sampler import sample_image_tokens
-
-MAX_SEED = 2**31 - 1
-# Candidate j of a job seeded s draws with seed s·1000 + j, so j stays below 1000; 512 is what the
-# DALL·E paper reranked. Callers (the Serve app, generate jobs) pass their own lower limits.
-MAX_CANDIDATES = 512
+from tessera.sampling.seeds import MAX_CANDIDATES, MAX_SEED, candidate_seeds
 
 
 @dataclass(frozen=True)
@@ -96,15 +93,13 @@ class ImageGenerator:
         for (temperature, top_k, top_p, draws), members in groups.items():
             prompts = [jobs[i][0] for i in members]
             ids, mask = self.encode_prompts(prompts)
-            # Candidate j of a job seeded s draws with seed s·1000 + j: distinct streams per candidate,
-            # and the same image for the same (prompt, options, seed) whatever shares the batch.
-            seeds = [jobs[i][1].seed * 1000 + j for i in members for j in range(draws)]
+            seeds = candidate_seeds([jobs[i][1].seed for i in members], draws)  # tessera.sampling.seeds
             tokens = sample_image_tokens(self.prior, ids, mask, temperature=temperature, top_k=top_k, top_p=top_p,
                                          seed=seeds, guidance_scale=[jobs[i][1].guidance_scale for i in members],
                                          samples_per_prompt=draws)
             images = self.dvae.decode(tokens.to(self.device))  # (len(members)·draws, 3, S, S) in [0, 1]
             order = self.rank(prompts, images, draws)  # (len(members), draws)
-            pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pixels = to_pixels(images)
             for row, i in enumerate(members):
                 keep = order[row, : jobs[i][1].n]
                 out[i] = [pixels[row * draws + int(j)] for j in keep]

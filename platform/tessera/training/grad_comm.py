@@ -31,10 +31,9 @@ from tessera.parallel import dist
 from tessera.parallel.comm_ledger import CommLedger
 from tessera.parallel.powersgd import PowerSGD, TensorSpec, matrix_view
 from tessera.parallel.topology import NodeLayout, make_process_groups
+from tessera.training.checkpoint import GATHERED_WEIGHTS  # rank 0's whole weights, node-sharded runs
 
 log = logging.getLogger("tessera.grad_comm")
-# The whole fp32 weights, written by rank 0 into checkpoints of node-sharded runs.
-GATHERED_WEIGHTS = "weights.safetensors"
 
 
 def this_node_id() -> str:

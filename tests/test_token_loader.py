@@ -1,8 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from tessera.data.encode import token_schema
-from tessera.data.token_pipeline import pad_token_batch
+from tessera.data.token_loader import pad_token_batch, token_schema
 
 
 def _table(captions: list[list[int]], grid: int = 2) -> pa.Table:

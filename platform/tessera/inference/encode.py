@@ -16,19 +16,17 @@ import io
 import json
 import logging
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tessera import storage
+from tessera import artifacts, published, storage
 from tessera.config import TesseraConfig
-from tessera.data import published
+from tessera.data.token_loader import MANIFEST_KIND, MAX_TOKENS, token_schema
 
 log = logging.getLogger("tessera.encode")
 
-MANIFEST_KIND = "tessera.token_dataset"
 # Why a sample of a prepared shard is left out of the token shards.
 REASONS = {
     "undecodable_image": "the image bytes do not decode",
@@ -37,27 +35,8 @@ REASONS = {
     "bad_caption": "the caption is not UTF-8 or tokenizes to nothing",
     "damaged_shard": "the shard ends mid-sample (samples before the damage are kept)",
 }
-# int16 holds every token id of the paper's K = 8192 with room to spare.
-MAX_TOKENS = np.iinfo(np.int16).max + 1
-
-
-def token_schema(grid_size: int) -> pa.Schema:
-    return pa.schema([
-        ("key", pa.string()),
-        ("split", pa.string()),
-        ("caption", pa.string()),
-        ("text_ids", pa.list_(pa.int32())),  # the caption's BPE ids, unpadded
-        ("image_tokens", pa.list_(pa.int16(), grid_size * grid_size)),  # (G*G,) row-major grid
-    ])
-
-
 def _options(cfg: TesseraConfig) -> storage.StorageOptions:
     return storage.StorageOptions.from_config(cfg.storage)
-
-
-def load_token_manifest(tokens_uri: str, options: storage.StorageOptions | None = None) -> dict:
-    return published.read(tokens_uri, MANIFEST_KIND, what="token-shard dataset", produced_by="jobs/encode.py",
-                          options=options)
 
 
 class ShardEncoder:
@@ -68,10 +47,8 @@ class ShardEncoder:
         import torch
 
         from tessera.data.tokenizer import CaptionTokenizer
-        from tessera.training.export import load_dvae
-
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = load_dvae(dvae_uri, options=opts, device=self.device)
+        self.model = artifacts.load("dvae", dvae_uri, options=opts, device=self.device)
         self.tokenizer = CaptionTokenizer.from_json(tokenizer_json)
         self.opts, self.image_ext, self.resolution = opts, image_ext, resolution
         self.batch_size, self.measure_psnr = batch_size, measure_psnr
@@ -124,8 +101,7 @@ class ShardEncoder:
     def encode_shard(self, src: str, dst: str, split: str) -> tuple[int, dict[str, int], float]:
         import torch
 
-        from tessera.models.dvae import psnr
-        from tessera.training.dvae_loop import to_model_input
+        from tessera.models.dvae import psnr, to_model_input
 
         skipped = dict.fromkeys(REASONS, 0)
         keys, captions, images = self._samples(storage.read_bytes(src, self.opts), skipped)
@@ -169,38 +145,37 @@ def run_encode(cfg: TesseraConfig) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from tessera.data.pipeline import load_manifest, shard_uris
-    from tessera.training.export import META
+    from tessera.data.loader import load_manifest, shard_uris
 
     started = time.time()
     opts = _options(cfg)
     e = cfg.encode
-    data = load_manifest(cfg.data_uri, opts)
-    dvae_meta = storage.read_json(storage.join(cfg.encode_dvae_uri, META), opts)
+    data = load_manifest(cfg.paths.data, opts)
+    dvae_meta = artifacts.read_meta("dvae", cfg.paths.encode_dvae, opts)
     if dvae_meta["shape"]["num_tokens"] > MAX_TOKENS:
         raise ValueError(f"dVAE codebook of {dvae_meta['shape']['num_tokens']} does not fit int16 token ids")
-    storage.require_writable(cfg.tokens_uri, opts)
-    old = published.existing(cfg.tokens_uri, opts)
+    storage.require_writable(cfg.paths.tokens, opts)
+    old = published.existing(cfg.paths.tokens, opts)
     if old is not None and not e.overwrite:
-        log.info("%s already holds token shards; set encode.overwrite=true to redo them", cfg.tokens_uri)
+        log.info("%s already holds token shards; set encode.overwrite=true to redo them", cfg.paths.tokens)
         return old
 
-    published.clear_unpublished_generations(cfg.tokens_uri, opts, keep=old["generation"] if old else None)
-    generation = f"gen-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{storage.unique_suffix()[:6]}"
+    published.clear_unpublished_generations(cfg.paths.tokens, opts, keep=old["generation"] if old else None)
+    generation = published.new_generation()
     items = []
     for split in data["splits"]:
-        for src, entry in zip(shard_uris(cfg.data_uri, data, split), data["splits"][split]["shards"], strict=True):
+        for src, entry in zip(shard_uris(cfg.paths.data, data, split), data["splits"][split]["shards"], strict=True):
             name = entry["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
             items.append({"src": src, "split": split,
-                          "dst": storage.join(cfg.tokens_uri, generation, split, f"{name}.parquet")})
-    tokenizer_json = storage.read_bytes(storage.join(cfg.data_uri, data["tokenizer"]["path"]), opts).decode()
+                          "dst": storage.join(cfg.paths.tokens, generation, split, f"{name}.parquet")})
+    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, data["tokenizer"]["path"]), opts).decode()
     measure = tuple(s for s in data["splits"] if s != "train")
     use_gpu = e.use_gpu if e.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoder, batch_size=1,
         compute=ActorPoolStrategy(min_size=1, max_size=e.num_actors),
         num_cpus=e.cpus_per_actor, num_gpus=1 if use_gpu else None,
-        fn_constructor_kwargs=dict(dvae_uri=cfg.encode_dvae_uri, opts=opts, tokenizer_json=tokenizer_json,
+        fn_constructor_kwargs=dict(dvae_uri=cfg.paths.encode_dvae, opts=opts, tokenizer_json=tokenizer_json,
                                    image_ext=data["image_format"], resolution=data["resolution"],
                                    batch_size=e.batch_size, use_gpu=use_gpu, measure_psnr=measure),
     ).take_all()
@@ -213,7 +188,7 @@ def run_encode(cfg: TesseraConfig) -> dict:
         entries, psnr_sum = [], 0.0
         for item in (i for i in items if i["split"] == split):
             r = by_path[item["dst"]]
-            entries.append({"path": item["dst"][len(cfg.tokens_uri.rstrip("/")) + 1:],
+            entries.append({"path": item["dst"][len(cfg.paths.tokens.rstrip("/")) + 1:],
                             "num_samples": int(r["num_samples"])})
             for k, v in json.loads(r["skipped"]).items():
                 skipped[k] += v
@@ -223,24 +198,18 @@ def run_encode(cfg: TesseraConfig) -> dict:
         if split in measure and n:
             psnr[split] = round(psnr_sum / n, 3)
 
-    from tessera.cluster import code_version
-
     shape = dvae_meta["shape"]
     wall = time.time() - started
     total = sum(s["num_samples"] for s in splits.values())
     manifest = {
-        "kind": MANIFEST_KIND,
-        "format_version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "generation": generation,
+        **published.header(MANIFEST_KIND, generation=generation),
         "grid_size": shape["grid_size"],
         "num_image_tokens": shape["num_tokens"],
         "image_size": shape["image_size"],
         "text_vocab_size": data["tokenizer"]["vocab_size"],
         "tokenizer": {"path": data["tokenizer"]["path"], "sha256": data["tokenizer"]["sha256"]},
-        "data": {"uri": cfg.data_uri, "generation": data["generation"], "resolution": data["resolution"]},
-        "dvae": {"uri": cfg.encode_dvae_uri, "step": dvae_meta.get("step"), "shape": shape},
+        "data": {"uri": cfg.paths.data, "generation": data["generation"], "resolution": data["resolution"]},
+        "dvae": {"uri": cfg.paths.encode_dvae, "step": dvae_meta.get("step"), "shape": shape},
         "num_samples": total,
         "splits": splits,
         "skipped": skipped,
@@ -252,8 +221,8 @@ def run_encode(cfg: TesseraConfig) -> dict:
         "config": cfg.model_dump(mode="json"),
     }
     # The tokenizer travels with the tokens, so the prior needs only this folder.
-    storage.write_text(storage.join(cfg.tokens_uri, data["tokenizer"]["path"]), tokenizer_json, opts)
-    published.publish(cfg.tokens_uri, manifest, opts, old)
+    storage.write_text(storage.join(cfg.paths.tokens, data["tokenizer"]["path"]), tokenizer_json, opts)
+    published.publish(cfg.paths.tokens, manifest, opts, old)
     return manifest
 
 

@@ -2,7 +2,7 @@
 
     render_sample (every colour/shape pair, held-out ones included; a share rendered at 2x and
     area-downsampled, as prepared data reaches a smaller model) ─▶ uint8 (N, S, S, 3) + labels
-    ─▶ small CNN, one softmax head per label column of tessera.evaluation.scenes (layout + per
+    ─▶ small CNN, one softmax head per label column of tessera.inference.evaluation.scenes (layout + per
     object slot colour/shape/size), trained on light blur / noise / gain jitter so it also reads
     decoder output ─▶ classifier.safetensors + classifier.json (json last; reused while its spec
     is unchanged)
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera import storage
+from tessera import published, storage
 from tessera.data import shapes
-from tessera.evaluation.scenes import HEADS, NUM_LABELS, canonical_scene, score_labels
+from tessera.inference.evaluation.scenes import HEADS, NUM_LABELS, canonical_scene, score_labels
+from tessera.models.dvae import to_model_input
 
 log = logging.getLogger("tessera.evaluate")
 
@@ -109,21 +110,10 @@ class AttributeClassifier(nn.Module):
         self.eval()
         out = []
         for s in range(0, len(images), batch):
-            x = to_input(images[s:s + batch], self.spec.image_size)
+            x = to_model_input(images[s:s + batch], self.spec.image_size)
             out.append(torch.stack([lg.argmax(1) for lg in self(x).split(_HEAD_SIZES, dim=1)], dim=1))
         self.train(was_training)
         return torch.cat(out).numpy() if out else np.zeros((0, NUM_LABELS), np.int64)
-
-
-def to_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1] (area-resized); float
-    (B, 3, H, W) passes through the resize only."""
-    x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
-    if x.dtype == torch.uint8:
-        x = x.permute(0, 3, 1, 2).float().div(255)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="area")
-    return x
 
 
 def render_scenes(n: int, *, seed: int, image_size: int, double_fraction: float = 0.0,
@@ -184,7 +174,7 @@ def train_classifier(spec: ClassifierSpec, *, dvae=None, report_every: int = 100
     torch.manual_seed(spec.seed)
     images, labels = render_scenes(spec.train_samples, seed=spec.seed, image_size=spec.image_size,
                                    double_fraction=spec.double_fraction, max_objects=spec.max_objects)
-    x_all = to_input(images, spec.image_size)  # (N, 3, S, S)
+    x_all = to_model_input(images, spec.image_size)  # (N, 3, S, S)
     y_all = torch.from_numpy(labels)
     if spec.recon_fraction > 0:
         if dvae is None:
@@ -237,9 +227,8 @@ def save_classifier(model: AttributeClassifier, info: dict, uri: str, *,
     """classifier.safetensors, then classifier.json (last: its presence marks a complete save)."""
     from safetensors.torch import save
 
-    meta = {"kind": KIND, "format_version": FORMAT_VERSION, "spec": asdict(model.spec),
-            "heads": [list(h) for h in HEADS], "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            **info}
+    meta = {**published.header(KIND, format_version=FORMAT_VERSION), "spec": asdict(model.spec),
+            "heads": [list(h) for h in HEADS], **info}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, WEIGHTS), save(state), options)
     storage.write_json(storage.join(uri, META), meta, options)

@@ -3,22 +3,14 @@ library is a dependency) and report.md, all drawn from the figures report.json h
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 
-import numpy as np
 from PIL import Image, ImageDraw
 
-WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
-GOOD, BAD = (30, 160, 60), (210, 40, 40)
+from tessera.viz import BAD, BLACK, GOOD, GREY, WHITE, GridRow, grid_png, png_bytes
+
 LINE = (40, 90, 200)
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def sample_grid_png(rows: list[dict], *, scale: int = 4, title: str = "") -> bytes:
@@ -28,35 +20,13 @@ def sample_grid_png(rows: list[dict], *, scale: int = 4, title: str = "") -> byt
 
     rows: [{"caption": str, "images": [uint8 (S, S, 3)], "candidates": [int], "scores": [float | None],
     "correct": [bool]}], images in rank order."""
-    if not rows:
-        return _png(Image.new("RGB", (1, 1), WHITE))
-    size = rows[0]["images"][0].shape[0] * scale
-    frame, gap, label, text = 3, 6, 12, 14
-    tile = size + 2 * frame
-    cols = max(len(r["images"]) for r in rows)
-    width = max(cols * (tile + gap) + gap, 420)
-    head = 2 * text if title else 0
-    height = head + len(rows) * (text + label + tile + gap) + gap
-    canvas = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((gap, 2), title, fill=BLACK)
-        draw.text((gap, 2 + text), "best first; green frame: the classifier reads the caption in it; c0: no reranking",
-                  fill=GREY)
-    y = head + gap
-    for r in rows:
-        draw.text((gap, y), r["caption"][: max(1, (width - 2 * gap) // 6)], fill=BLACK)
-        y += text
-        for k, img in enumerate(r["images"]):
-            x = gap + k * (tile + gap)
-            score = r["scores"][k]
-            tag = f"#{k} c{r['candidates'][k]}" + (f" {score:.2f}" if score is not None else "")
-            draw.text((x, y), tag, fill=BLACK)
-            draw.rectangle((x, y + label, x + tile - 1, y + label + tile - 1), fill=GOOD if r["correct"][k] else BAD)
-            canvas.paste(Image.fromarray(np.asarray(img, np.uint8)).resize((size, size), Image.NEAREST),
-                         (x + frame, y + label + frame))
-        y += label + tile + gap
-    return _png(canvas)
+    grid = [GridRow(images=r["images"], caption=r["caption"],
+                    tags=[f"#{k} c{c}" + (f" {s:.2f}" if s is not None else "")
+                          for k, (c, s) in enumerate(zip(r["candidates"], r["scores"], strict=True))],
+                    frames=[GOOD if ok else BAD for ok in r["correct"]]) for r in rows]
+    return grid_png(grid, scale=scale, title=title, min_width=420,
+                    subtitle="best first; green frame: the classifier reads the caption in it; c0: no reranking"
+                    if title else "")
 
 
 def _series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -113,7 +83,7 @@ def curves_png(stage: str, rows: list[dict], *, panel: tuple[int, int] = (300, 1
             draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=LINE)
         else:
             draw.line(xy, fill=LINE, width=2)
-    return _png(canvas)
+    return png_bytes(canvas)
 
 
 def _pct(x: float | None) -> str:

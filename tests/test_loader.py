@@ -18,7 +18,7 @@ def _consume(config: dict):
     import torch
     import torch.distributed as dist
 
-    from tessera.data.pipeline import iter_training_batches
+    from tessera.data.loader import iter_training_batches
 
     cfg = config["cfg"]
     shard = ray.train.get_dataset_shard("train")
@@ -55,7 +55,7 @@ def prepared(ray_cluster, tmp_path_factory):
 def test_validation_split_without_shuffle_gives_writable_tensors(prepared):
     import warnings
 
-    from tessera.data.pipeline import build_training_dataset, iter_training_batches
+    from tessera.data.loader import build_training_dataset, iter_training_batches
 
     cfg, manifest = prepared
     cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"local_shuffle_buffer": 0})})
@@ -75,7 +75,7 @@ def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tessera.data.pipeline import build_training_dataset, sample_id, train_data_config
+    from tessera.data.loader import build_training_dataset, sample_id, train_data_config
 
     cfg, manifest = prepared
     n_train = manifest["splits"]["train"]["num_samples"]
@@ -98,7 +98,7 @@ def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
 
     expected = []
     for shard in manifest["splits"]["train"]["shards"]:
-        data = storage.read_bytes(storage.join(cfg.data_uri, shard["path"]))
+        data = storage.read_bytes(storage.join(cfg.paths.data, shard["path"]))
         expected += [sample_id(s.key) for s in iter_tar_samples(io.BytesIO(data), TarReadResult())]
     assert len(expected) == n_train
 

@@ -15,10 +15,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tessera import storage
+from tessera import published, storage
 from tessera.config import TesseraConfig
 
 COLUMNS = ["text_ids", "image_tokens"]
+MANIFEST_KIND = "tessera.token_dataset"
+# int16 holds every token id of the paper's K = 8192 with room to spare.
+MAX_TOKENS = np.iinfo(np.int16).max + 1
+
+
+def token_schema(grid_size: int) -> pa.Schema:
+    """A token shard's columns (jobs/encode.py writes them)."""
+    return pa.schema([
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("caption", pa.string()),
+        ("text_ids", pa.list_(pa.int32())),  # the caption's BPE ids, unpadded
+        ("image_tokens", pa.list_(pa.int16(), grid_size * grid_size)),  # (G*G,) row-major grid
+    ])
+
+
+def load_token_manifest(tokens_uri: str, options: storage.StorageOptions | None = None) -> dict:
+    return published.read(tokens_uri, MANIFEST_KIND, what="token-shard dataset", produced_by="jobs/encode.py",
+                          options=options)
 
 
 def token_shard_uris(tokens_uri: str, manifest: dict, split: str) -> list[str]:
@@ -73,7 +92,7 @@ def build_token_dataset(cfg: TesseraConfig, manifest: dict, *, split: str = "tra
     from ray.data import FileShuffleConfig
 
     opts = storage.StorageOptions.from_config(cfg.storage)
-    uris = token_shard_uris(cfg.prior_tokens_uri, manifest, split)
+    uris = token_shard_uris(cfg.paths.prior_tokens, manifest, split)
     fs, _ = storage.resolve(uris[0], opts)
     paths = [storage.resolve(u, opts)[1] for u in uris]
     shuffle = (

@@ -1,15 +1,55 @@
-"""Outputs published by a manifest: the convention prepare and encode share.
+"""Outputs published by a manifest: the convention every job that writes a dataset, a bundle or
+a report keeps.
 
 A job writes its files under a fresh `gen-…` folder and `manifest.json` last; the manifest names
 the generation, so readers never see a half-written output, and any other generation folder is
-garbage from a crashed or superseded run.
+garbage from a crashed or superseded run. Every manifest starts with the same header (`header`):
+its kind, format version, creation time and the code version that wrote it.
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
 from tessera import storage
 
 MANIFEST = "manifest.json"
+
+
+def code_version() -> str:
+    """The git commit this code came from when there is one (a dev checkout), else the package
+    version (a cluster working_dir upload has no .git)."""
+    from tessera import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def now_utc() -> str:
+    """'2026-12-02T11:38:25+00:00': the creation time every manifest records."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def header(kind: str, *, generation: str | None = None, format_version: int = 1) -> dict:
+    """The fields every manifest starts with."""
+    out = {"kind": kind, "format_version": format_version, "created": now_utc(), "code_version": code_version()}
+    if generation is not None:
+        out["generation"] = generation
+    return out
+
+
+def new_generation() -> str:
+    """A fresh generation folder name: time-ordered, unique across concurrent writers."""
+    return f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{storage.unique_suffix()[:6]}"
 
 
 def existing(folder: str, options: storage.StorageOptions | None = None) -> dict | None:

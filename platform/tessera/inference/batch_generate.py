@@ -23,11 +23,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tessera import storage
+from tessera import published, storage
+from tessera.sampling.seeds import candidate_seeds, caption_seed
+from tessera.viz import png_bytes
 
 log = logging.getLogger("tessera.generate")
 
-MAX_SEED = 2**31 - 1  # tessera.sampling.generate.MAX_SEED: what the HTTP API accepts
 # Why a line of a captions file is not generated.
 SKIP_REASONS = {
     "empty": "the caption is empty or whitespace",
@@ -50,20 +51,6 @@ class Sampling:
     seed: int = 0  # the base seed
 
 
-def caption_seed(base: int, index: int, stream: int = 0) -> int:
-    """The seed of caption `index` in a run seeded `base` (a hash: neighbouring bases do not
-    share images); `stream` separates caption lists of one run (evaluation's val and held-out)."""
-    return int(np.random.SeedSequence([int(base), int(stream), int(index)]).generate_state(1)[0]) % (MAX_SEED + 1)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: Sampling):
     """M candidates per prompt as drawn, and their reranker scores.
 
@@ -71,20 +58,21 @@ def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: S
     and scores (B, M) float32, or None when the bundle has no reranker."""
     import torch
 
+    from tessera.models.dvae import to_pixels
     from tessera.sampling.sampler import sample_image_tokens
 
     m = sampling.candidates
     ids, mask = generator.encode_prompts(prompts)
     with torch.no_grad():
         tokens = sample_image_tokens(generator.prior, ids, mask, temperature=sampling.temperature, top_k=sampling.top_k,
-                                     top_p=sampling.top_p, seed=[s * 1000 + j for s in seeds for j in range(m)],
+                                     top_p=sampling.top_p, seed=candidate_seeds(seeds, m),
                                      guidance_scale=sampling.guidance_scale, samples_per_prompt=m)
         images = generator.dvae.decode(tokens.to(generator.device))  # (B·M, 3, S, S) in [0, 1]
         scores = None
         if generator.reranker is not None:
             scores = generator.score([p for p in prompts for _ in range(m)], images).view(len(prompts), m)
             scores = scores.float().cpu().numpy()
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_pixels(images)
     return pixels.reshape(len(prompts), m, *pixels.shape[1:]), scores
 
 
@@ -235,32 +223,21 @@ MANIFEST_KIND = "tessera.generated_images"
 INDEX = "index.jsonl"
 
 
-def generate_output_uri(cfg) -> str:
-    return cfg.generate.output_uri or storage.join(cfg.run.root_uri, "generated")
-
-
-def generate_bundle_uri(cfg) -> str:
-    return cfg.generate.bundle_uri or cfg.bundle_uri
-
-
 def run_generate(cfg) -> dict:
     """jobs/generate.py on the current Ray cluster: captions file -> PNGs under a fresh generation
     folder, its index.jsonl, then manifest.json (last: it publishes them and retires the previous
     generation). Returns the manifest."""
     import time
-    from datetime import datetime, timezone
 
     import ray
 
     from tessera.bundle import read_manifest
-    from tessera.cluster import code_version
-    from tessera.data import published
 
     started = time.time()
     g, opts = cfg.generate, storage.StorageOptions.from_config(cfg.storage)
     if not g.captions_uri:
         raise ValueError("generate.captions_uri: not set (a .txt, .jsonl or .parquet file of captions)")
-    bundle_uri, out = generate_bundle_uri(cfg), generate_output_uri(cfg)
+    bundle_uri, out = cfg.paths.generate_bundle, cfg.paths.generated
     bundle = read_manifest(bundle_uri, opts)
     captions, skipped = read_captions(g.captions_uri, options=opts, max_chars=g.max_caption_chars)
     if g.limit is not None:
@@ -271,7 +248,7 @@ def run_generate(cfg) -> dict:
     storage.require_writable(out, opts)
     old = published.existing(out, opts)
     published.clear_unpublished_generations(out, opts, keep=old.get("generation") if old else None)
-    generation = f"gen-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{storage.unique_suffix()[:6]}"
+    generation = published.new_generation()
     sampling = Sampling(candidates=g.candidates or g.n, keep=g.n, temperature=g.temperature, top_k=g.top_k,
                         top_p=g.top_p, guidance_scale=g.guidance_scale, seed=g.seed)
     items = [{**c, "seed": caption_seed(g.seed, c["index"])} for c in captions]
@@ -285,9 +262,7 @@ def run_generate(cfg) -> dict:
                     for r in rows)
     storage.write_text(storage.join(out, generation, INDEX), index, opts)
     manifest = {
-        "kind": MANIFEST_KIND, "format_version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": code_version(),
-        "generation": generation, "index": f"{generation}/{INDEX}",
+        **published.header(MANIFEST_KIND, generation=generation), "index": f"{generation}/{INDEX}",
         "bundle": {"uri": bundle_uri, "name": bundle["name"], "resolution": bundle["resolution"]},
         "captions": {"uri": g.captions_uri, "lines": len(captions) + sum(skipped.values()), "used": len(captions),
                      "skipped": skipped, "skip_reasons": SKIP_REASONS},

@@ -2,7 +2,7 @@
 
     prepared val / held-out splits (first N each: caption + ground-truth attributes + image)
     ─▶ attribute classifier (reused from {run}/eval/classifier when its spec matches, else trained)
-    ─▶ M candidates per caption on Ray Data (tessera.data.generate), ranked by the reranker
+    ─▶ M candidates per caption on Ray Data (tessera.inference.batch_generate), ranked by the reranker
     ─▶ classifier labels per candidate ─▶ caption / attribute accuracy without reranking
        (candidate 0) and with it (the reranker's best), per split and object count
     ─▶ dVAE reconstruction PSNR, codebook use, classifier on reconstructions (its ceiling);
@@ -21,23 +21,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tessera import storage
+from tessera import published, storage
 from tessera.data import shapes
-from tessera.evaluation import report as draw
-from tessera.evaluation.classifier import ClassifierSpec, ensure_classifier, to_input
-from tessera.evaluation.scenes import (
+from tessera.inference.evaluation import report as draw
+from tessera.inference.evaluation.classifier import ClassifierSpec, ensure_classifier
+from tessera.inference.evaluation.scenes import (
     canonical_scene,
     caption_correct,
     pair_accuracy,
     parse_caption,
     score_labels,
 )
+from tessera.paths import HISTORY, REPORT, STAGES
+from tessera.sampling.seeds import caption_seed
 
 log = logging.getLogger("tessera.evaluate")
 
-REPORT = "report.json"
 KIND = "tessera.evaluation"
-STAGES = ("dvae", "prior", "reranker")
 # Why a prepared sample is not evaluated.
 SKIP_REASONS = {
     "missing_field": "the sample lacks its image or caption",
@@ -45,18 +45,6 @@ SKIP_REASONS = {
     "caption_mismatch": "its caption does not say what its attributes do",
     "undecodable_image": "the image bytes do not decode",
 }
-
-
-def output_uri(cfg) -> str:
-    return cfg.evaluate.output_uri or storage.join(cfg.run.root_uri, "eval")
-
-
-def classifier_uri(cfg) -> str:
-    return cfg.evaluate.classifier.uri or storage.join(cfg.run.root_uri, "eval", "classifier")
-
-
-def bundle_uri(cfg) -> str:
-    return cfg.evaluate.bundle_uri or cfg.bundle_uri
 
 
 def classifier_spec(cfg, image_size: int, dvae_sha256: str, max_objects: int) -> ClassifierSpec:
@@ -82,7 +70,7 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
     sample's JSON attributes (checked against its caption), bad samples skipped and counted."""
     from PIL import Image
 
-    from tessera.data.pipeline import shard_uris
+    from tessera.data.loader import shard_uris
     from tessera.data.tar import TarReadResult, iter_tar_samples
 
     out = Split(split)
@@ -124,13 +112,13 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
 def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray], classifier) -> tuple[dict, torch.Tensor]:
     """PSNR of decode(encode(x)), codebook use, and the classifier on the reconstructions; also
     the tokens (B, G, G) for the prior's loss."""
-    from tessera.models.dvae import codebook_usage, psnr
+    from tessera.models.dvae import codebook_usage, psnr, to_model_input, to_pixels
 
-    x = to_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
+    x = to_model_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
     tokens = torch.cat([dvae.encode(x[s:s + 256]) for s in range(0, len(x), 256)])
     recon = torch.cat([dvae.decode(tokens[s:s + 256]) for s in range(0, len(x), 256)])
     perplexity, used = codebook_usage(tokens, dvae.shape.num_tokens)
-    recon_u8 = (recon.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    recon_u8 = to_pixels(recon)
     acc = score_labels(classifier.predict(recon_u8), np.stack(labels))
     return {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3), "codebook_size": dvae.shape.num_tokens,
             "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2),
@@ -196,25 +184,20 @@ def grid_rows(split: Split, arrays: dict, k: int) -> list[dict]:
     return out
 
 
-def stage_uris(cfg) -> dict[str, str]:
-    return {"dvae": cfg.dvae_uri, "prior": cfg.prior_uri, "reranker": cfg.reranker_uri}
-
-
 def run_evaluate(cfg, bundle: str | None = None) -> dict:
     """Evaluate the bundle at `bundle` (default: evaluate.bundle_uri, else the run's bundle) on
     the current Ray cluster; returns report.json's contents."""
     from tessera.bundle import load_bundle
-    from tessera.cluster import code_version
-    from tessera.data import generate
-    from tessera.data.pipeline import load_manifest
+    from tessera.data.loader import load_manifest
+    from tessera.inference import batch_generate
 
     started = time.time()
     e, opts = cfg.evaluate, storage.StorageOptions.from_config(cfg.storage)
-    uri, out_uri = bundle or bundle_uri(cfg), output_uri(cfg)
+    uri, out_uri = bundle or cfg.paths.eval_bundle, cfg.paths.eval
     b = load_bundle(uri, options=opts)
-    data = load_manifest(cfg.data_uri, opts)
+    data = load_manifest(cfg.paths.data, opts)
     if data["source"]["kind"] != "shapes":
-        raise ValueError(f"{cfg.data_uri}: evaluation scores shapes captions; this dataset's source is "
+        raise ValueError(f"{cfg.paths.data}: evaluation scores shapes captions; this dataset's source is "
                          f"{data['source']['kind']!r}")
     held_out = {tuple(p.split()) for p in (data.get("shapes") or {}).get("held_out", [])}
     storage.require_writable(out_uri, opts)
@@ -224,11 +207,11 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     if e.classifier.threads:
         torch.set_num_threads(e.classifier.threads)
 
-    splits = {"val": read_split(cfg.data_uri, data, "val", max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
-              "heldout": read_split(cfg.data_uri, data, "heldout", e.num_heldout, opts) if "heldout" in data["splits"]
+    splits = {"val": read_split(cfg.paths.data, data, "val", max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
+              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts) if "heldout" in data["splits"]
               else Split("heldout")}
     log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions), len(splits["heldout"].captions),
-             cfg.data_uri)
+             cfg.paths.data)
 
     t0 = time.time()
     dvae_digest = b.manifest["files"].get("dvae.safetensors", {}).get("sha256", "")
@@ -236,7 +219,7 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     max_objects = int(((data.get("config") or {}).get("data") or {}).get("source", {}).get("shapes", {})
                       .get("max_objects") or shapes.MAX_OBJECTS)
     spec = classifier_spec(cfg, b.resolution, dvae_digest, max_objects)
-    classifier, cmeta, trained = ensure_classifier(spec, classifier_uri(cfg), options=opts, retrain=e.classifier.retrain,
+    classifier, cmeta, trained = ensure_classifier(spec, cfg.paths.classifier, options=opts, retrain=e.classifier.retrain,
                                                    dvae=b.dvae)
     log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
              time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
@@ -251,10 +234,10 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         prior["history_val_image_loss"] = history
 
     # Generation: every candidate of every caption, ranked, as rows with PNG bytes.
-    sampling = generate.Sampling(candidates=e.candidates, keep=e.candidates, temperature=e.temperature, top_k=e.top_k,
+    sampling = batch_generate.Sampling(candidates=e.candidates, keep=e.candidates, temperature=e.temperature, top_k=e.top_k,
                                  top_p=e.top_p, guidance_scale=e.guidance_scale, seed=e.seed)
     todo = {"val": e.num_captions, "heldout": e.num_heldout}
-    items = [{"caption": c, "index": i, "seed": generate.caption_seed(e.seed, i, stream), "split": name}
+    items = [{"caption": c, "index": i, "seed": caption_seed(e.seed, i, stream), "split": name}
              for stream, name in enumerate(("val", "heldout")) for i, c in enumerate(splits[name].captions[: todo[name]])]
     for name in todo:
         splits[name] = Split(name, splits[name].captions[: todo[name]], splits[name].labels[: todo[name]],
@@ -262,18 +245,17 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     use_gpu = e.use_gpu if e.use_gpu is not None else _cluster_has_gpus()
     t0 = time.time()
     log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items), e.num_actors)
-    rows = generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=e.batch_size,
+    rows = batch_generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=e.batch_size,
                                     num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, use_gpu=use_gpu)
     gen_seconds = time.time() - t0
     by_split: dict[str, list[dict]] = {"val": [], "heldout": []}
     for r in rows:
         by_split[str(r["split"])].append(r)
 
-    report: dict = {"kind": KIND, "format_version": 1,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "code_version": code_version(),
+    report: dict = {**published.header(KIND),
                     "bundle": {"uri": uri, "name": b.name, "resolution": b.resolution, "has_reranker": b.reranker is not None,
                                "steps": {p: m.get("step") for p, m in b.manifest["parts"].items()}},
-                    "data": {"uri": cfg.data_uri, "generation": data["generation"], "held_out": sorted(" ".join(p) for p in held_out)},
+                    "data": {"uri": cfg.paths.data, "generation": data["generation"], "held_out": sorted(" ".join(p) for p in held_out)},
                     "settings": e.model_dump(mode="json", exclude={"classifier"}), "splits": {}, "notes": []}
     if b.reranker is None and e.candidates > 1:
         report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
@@ -290,17 +272,18 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
             files["grids"].append(f"grid_{name}.png")
 
     report["curves"] = {}
-    for stage, stage_uri in stage_uris(cfg).items():
+    for stage in STAGES:
+        stage_uri = cfg.paths.stage(stage)
         rows_ = _history_rows(stage_uri, opts)
         png = draw.curves_png(stage, rows_) if rows_ else None
         if png is None:
-            report["curves"][stage] = {"missing": True, "uri": storage.join(stage_uri, "history.json")}
+            report["curves"][stage] = {"missing": True, "uri": storage.join(stage_uri, HISTORY)}
             continue
         storage.write_bytes(storage.join(out_uri, f"curves_{stage}.png"), png, opts)
         files["curves"].append(f"curves_{stage}.png")
         report["curves"][stage] = {"reports": len(rows_), "last": rows_[-1]}
 
-    report["classifier"] = {"uri": classifier_uri(cfg), "trained_now": trained, "spec": cmeta["spec"],
+    report["classifier"] = {"uri": cfg.paths.classifier, "trained_now": trained, "spec": cmeta["spec"],
                             "train_seconds": cmeta.get("train_seconds"),
                             "real": cmeta["accuracy"]["real"]["caption_accuracy"],
                             "real_2x": cmeta["accuracy"]["real_2x"]["caption_accuracy"],
@@ -326,7 +309,7 @@ def _cluster_has_gpus() -> bool:
 
 
 def _history_rows(stage_uri: str, opts) -> list[dict]:
-    uri = storage.join(stage_uri, "history.json")
+    uri = storage.join(stage_uri, HISTORY)
     try:
         rows = storage.read_json(uri, opts).get("rows") if storage.exists(uri, opts) else None
     except (storage.StorageError, AttributeError):
@@ -337,7 +320,7 @@ def _history_rows(stage_uri: str, opts) -> list[dict]:
 
 def _history_value(cfg, opts, stage: str, key: str) -> float | None:
     """The last value of `key` a stage's history.json recorded."""
-    for row in reversed(_history_rows(stage_uris(cfg)[stage], opts)):
+    for row in reversed(_history_rows(cfg.paths.stage(stage), opts)):
         if isinstance(row.get(key), (int, float)):
             return float(row[key])
     return None

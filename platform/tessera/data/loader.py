@@ -1,4 +1,4 @@
-"""The training input pipeline: a prepared dataset's manifest -> the Ray Data dataset a training
+"""The training input loader: a prepared dataset's manifest -> the Ray Data dataset a training
 stage consumes, and the worker-side iterator over its shard.
 
     manifest.json ─▶ shard URIs ─read_webdataset (file order shuffled per epoch, seeded)─▶
@@ -19,9 +19,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tessera import storage
+from tessera import published, storage
 from tessera.config import TesseraConfig
-from tessera.data import published
 from tessera.data.prepare import MANIFEST_KIND
 from tessera.data.tokenizer import CaptionTokenizer
 
@@ -82,13 +81,32 @@ def decode_shards(batch: dict, **decode_kwargs) -> dict:
     return decode_batch(cols, **decode_kwargs)
 
 
+def read_validation_samples(data_uri: str, manifest: dict, *, limit: int, text_len: int,
+                            options: storage.StorageOptions | None = None) -> dict[str, np.ndarray] | None:
+    """The first `limit` samples of the prepared val split, read directly (no Ray), so every rank
+    reads the same ones: {"image", "text_ids", "text_mask"} as decode_batch gives them; None when
+    the split is missing or empty."""
+    if not manifest["splits"].get("val", {}).get("num_samples"):
+        return None
+    tokenizer_json = storage.read_bytes(storage.join(data_uri, manifest["tokenizer"]["path"]), options).decode()
+    parts: dict[str, list] = {"image": [], "text_ids": [], "text_mask": []}
+    for uri in shard_uris(data_uri, manifest, "val"):
+        out = decode_shards({"bytes": [storage.read_bytes(uri, options)]}, tokenizer_json=tokenizer_json,
+                            text_len=text_len, image_ext=manifest["image_format"], resolution=manifest["resolution"])
+        for k in parts:
+            parts[k].append(out[k])
+        if sum(len(i) for i in parts["image"]) >= limit:
+            break
+    return {k: np.concatenate(v)[:limit] for k, v in parts.items()}
+
+
 def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri: str | None = None):
     """The Ray Data dataset a training stage consumes (lazy: nothing is read until iterated)."""
     import ray
     from ray.data import FileShuffleConfig
 
     opts = storage.StorageOptions.from_config(cfg.storage)
-    data_uri = data_uri or cfg.data_uri
+    data_uri = data_uri or cfg.paths.data
     manifest = load_manifest(data_uri, opts)
     uris = shard_uris(data_uri, manifest, split)
     fs, _ = storage.resolve(uris[0], opts)

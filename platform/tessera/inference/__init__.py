@@ -1,0 +1,1 @@
+"""Trained models run over data on Ray: encode (images -> tokens), batch generation, evaluation."""

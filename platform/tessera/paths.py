@@ -1,0 +1,74 @@
+"""Every default location of a run, in one place.
+
+A section's own URI wins when the config sets one; otherwise each stage lives under `run.root_uri`:
+
+    {root}/data        prepared image shards + tokenizer.json + manifest.json   (prepare)
+    {root}/dvae        checkpoints, history.json, samples/; export/ = dvae.*     (train_dvae)
+    {root}/tokens      token shards + manifest.json                             (encode)
+    {root}/prior       checkpoints, history.json, samples/; export/ = prior.*    (train_prior)
+    {root}/reranker    checkpoints, history.json; export/ = reranker.*          (train_reranker)
+    {root}/bundle      the model bundle serving and generation load             (export)
+    {root}/eval        report.json, report.md, grids, curves; classifier/       (evaluate)
+    {root}/generated   gen-…/images/*.png + index.jsonl, manifest.json          (generate)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera import storage
+
+EXPORT = "export"  # a training stage's export folder, under its own URI
+REPORT = "report.json"  # the evaluation's report, written last: {eval}/report.json
+HISTORY = "history.json"  # a training stage's reports so far: {stage}/history.json
+STAGES = ("dvae", "prior", "reranker")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: str
+    data: str
+    dvae: str
+    encode_dvae: str  # the dVAE export encode uses
+    tokens: str  # where encode writes
+    prior_tokens: str  # what the prior trains on
+    prior: str
+    reranker: str
+    bundle: str  # where export writes the bundle
+    bundle_prior: str  # the prior export the bundle is built from
+    eval: str
+    eval_bundle: str  # the bundle evaluate scores
+    classifier: str  # evaluate's saved attribute classifier
+    generated: str
+    generate_bundle: str  # the bundle generate draws with
+
+    @classmethod
+    def of(cls, cfg) -> RunPaths:
+        """The paths of a TesseraConfig."""
+        root = cfg.run.root_uri
+
+        def under(own: str | None, *parts: str) -> str:
+            return own or storage.join(root, *parts)
+
+        dvae, prior = under(cfg.dvae.output_uri, "dvae"), under(cfg.prior.output_uri, "prior")
+        tokens, bundle = under(cfg.encode.output_uri, "tokens"), under(cfg.export.output_uri, "bundle")
+        return cls(
+            root=root, data=under(cfg.data.output_uri, "data"), dvae=dvae,
+            encode_dvae=cfg.encode.dvae_uri or storage.join(dvae, EXPORT), tokens=tokens,
+            prior_tokens=cfg.prior.tokens_uri or tokens, prior=prior,
+            reranker=under(cfg.reranker.output_uri, "reranker"), bundle=bundle,
+            bundle_prior=cfg.export.prior_uri or storage.join(prior, EXPORT),
+            eval=under(cfg.evaluate.output_uri, "eval"), eval_bundle=cfg.evaluate.bundle_uri or bundle,
+            classifier=under(cfg.evaluate.classifier.uri, "eval", "classifier"),
+            generated=under(cfg.generate.output_uri, "generated"), generate_bundle=cfg.generate.bundle_uri or bundle,
+        )
+
+    def stage(self, name: str) -> str:
+        """A training stage's folder: "dvae", "prior" or "reranker"."""
+        if name not in STAGES:
+            raise ValueError(f"no training stage called {name!r} (known: {', '.join(STAGES)})")
+        return getattr(self, name)
+
+    def export(self, name: str) -> str:
+        """Where a training stage exports its last checkpoint (tessera.artifacts)."""
+        return storage.join(self.stage(name), EXPORT)
