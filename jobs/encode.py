@@ -1,6 +1,6 @@
 """Encode: prepared image shards + the exported dVAE -> token shards (Parquet) the prior trains on.
 
-    python jobs/encode.py --config jobs/configs/debug.yaml [--set encode.num_actors=4 ...]
+    python jobs/encode.py --config jobs/configs/debug.yaml [--set encode.actors.num_actors=4 ...]
     ray job submit --working-dir . -- python jobs/encode.py --config jobs/configs/cluster.yaml
 
 Inputs come from the prepared dataset's manifest and the dVAE export (default {dvae}/export);

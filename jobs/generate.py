@@ -1,7 +1,7 @@
 """Offline batch generation: a file of captions -> a folder (or bucket prefix) of PNGs, on Ray Data.
 
     python jobs/generate.py --config debug --set generate.captions_uri=captions.txt \
-        [--bundle URI] [--set generate.output_uri=s3://bucket/images --set generate.candidates=8]
+        [--bundle URI] [--set generate.output_uri=s3://bucket/images --set generate.sampling.candidates=8]
     ray job submit --working-dir . -- python jobs/generate.py --config jobs/configs/cluster.yaml ...
 
 Captions: .txt (one per line), .jsonl ({"caption": ...} per line) or .parquet (a caption column).

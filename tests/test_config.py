@@ -28,7 +28,6 @@ def test_override_changes_typed_value():
         ("data.source.kind=csv", "data.source.kind", "shapes"),
         ("loader.batch_size=0", "loader.batch_size", "greater than"),
         ("nosuchsection.x=1", "nosuchsection", "unknown field"),
-        ("data.source.shapes.held_out=[mauve circle]", "data.source.shapes", "mauve"),
     ],
 )
 def test_bad_values_name_their_field(override, path, words):
@@ -107,3 +106,17 @@ def test_config_reference_is_generated_from_the_models_and_current():
         assert f"| `{path}` |" in text, path
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == text, "docs/config.md is stale: run `make docs`"
+
+
+def test_fields_moved_into_shared_sections_are_read_from_their_old_place_with_a_warning():
+    """encode/evaluate/generate share ActorPoolConfig ("actors") and SamplingConfig ("sampling");
+    a config written before still loads, and says where each field lives now."""
+    moved = r"evaluate.num_actors -> evaluate.actors.num_actors.*evaluate.guidance_scale -> evaluate.sampling"
+    with pytest.warns(FutureWarning, match=moved):
+        cfg = load_config("debug", ["evaluate.guidance_scale=3", "evaluate.num_actors=1"])
+    assert cfg.evaluate.sampling.guidance_scale == 3 and cfg.evaluate.actors.num_actors == 1
+    assert cfg.evaluate.sampling.candidates == 8  # the rest of the preset's section is kept
+    with pytest.warns(FutureWarning, match="encode.batch_size -> encode.actors.batch_size"):
+        assert load_config("debug", ["encode.batch_size=64"]).encode.actors.batch_size == 64
+    with pytest.raises(ConfigError, match=r"generate: .*sampling\.candidates \(2\) must be at least n \(3\)"):
+        load_config("debug", ["generate.n=3", "generate.sampling.candidates=2"])

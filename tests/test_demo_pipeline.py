@@ -24,7 +24,7 @@ SMALL = [
     "prior.val_samples=8", "prior.grid_captions=2", "prior.grid_samples=2",
     "reranker.steps=4", "reranker.micro_batch=8", "reranker.warmup_steps=1", "reranker.report_every=2",
     "reranker.eval_every=4", "reranker.checkpoint_every=4", "reranker.val_pairs=16",
-    "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.candidates=2", "evaluate.num_actors=1",
+    "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=2", "evaluate.actors.num_actors=1",
     "evaluate.recon_images=8", "evaluate.prior_val_rows=8", "evaluate.grid_captions=2",
     "evaluate.classifier.steps=3", "evaluate.classifier.train_samples=32", "evaluate.classifier.test_samples=16",
 ]

@@ -40,7 +40,7 @@ def encoded(ray_cluster, tmp_path_factory, s3_client_module):
                                 "data.source.shapes.num_heldout=40", "data.source.shapes.image_size=32",
                                 "data.resolution=32", "data.samples_per_shard=100", "data.val_fraction=0.1",
                                 "ray.data_cpu_limit=1", f"encode.output_uri=s3://{bucket}/tokens",
-                                "encode.batch_size=64", "encode.cpus_per_actor=0.5"])
+                                "encode.actors.batch_size=64", "encode.actors.cpus_per_actor=0.5"])
     prepared = run_prepare(cfg)
     bad_keys = _damage_one_shard(cfg, prepared)
     torch.manual_seed(0)

@@ -89,14 +89,16 @@ def test_scoring_rules_on_hand_built_predictions():
 
 
 def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path):
+    from tessera.config import ClassifierConfig
     from tessera.inference.evaluation.classifier import (
-        ClassifierSpec,
         ensure_classifier,
         load_classifier,
         render_scenes,
+        spec_of,
     )
 
-    spec = ClassifierSpec(width=4, hidden=16, train_samples=32, steps=2, batch_size=8, test_samples=16)
+    spec = ClassifierConfig(width=4, hidden=16, train_samples=32, steps=2, batch_size=8, test_samples=16,
+                            image_size=32, max_objects=3)
     uri = str(tmp_path / "clf")
     model, meta, trained = ensure_classifier(spec, uri)
     assert trained and set(meta["accuracy"]) == {"real", "real_2x"} and meta["spec"]["width"] == 4
@@ -112,10 +114,12 @@ def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path
     again, meta2, trained2 = ensure_classifier(spec, uri)
     assert not trained2 and meta2["created"] == meta["created"]
     assert np.array_equal(again.predict(images), predicted)
-    assert load_classifier(uri, spec=ClassifierSpec(**{**spec.__dict__, "steps": 3})) is None
+    assert load_classifier(uri, spec=spec_of(spec.model_copy(update={"steps": 3}))) is None
+    # Where it is saved, its threads and retrain are not part of what it learns.
+    assert not ensure_classifier(spec.model_copy(update={"threads": 1, "uri": uri}), uri)[2]
     (tmp_path / "clf" / "classifier.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="classifier.safetensors"):
-        load_classifier(uri, spec=spec)
+        load_classifier(uri, spec=spec_of(spec))
 
 
 def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
@@ -166,8 +170,8 @@ def test_evaluate_job_on_a_tiny_bundle_writes_the_report(tmp_path, ray_cluster):
     (run / "dvae" / "history.json").write_text(json.dumps(
         {"stage": "dvae", "rows": [{"step": s, "loss": 1 / s, "val_psnr": 10 + s / 10} for s in (10, 20, 30)]}))
     cfg = load_config("debug", [f"run.root_uri={run}", f"data.output_uri={data}", f"evaluate.bundle_uri={bundle}",
-                                "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.candidates=3",
-                                "evaluate.num_actors=1", "evaluate.batch_size=4", "evaluate.grid_captions=3",
+                                "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=3",
+                                "evaluate.actors.num_actors=1", "evaluate.actors.batch_size=4", "evaluate.grid_captions=3",
                                 "evaluate.recon_images=8", "evaluate.prior_val_rows=8",
                                 "evaluate.classifier.width=4", "evaluate.classifier.steps=2",
                                 "evaluate.classifier.train_samples=32", "evaluate.classifier.test_samples=16",

@@ -98,8 +98,8 @@ def test_generate_job_writes_pngs_and_manifest_to_s3(tmp_path, bundle_uri, ray_c
     out = f"s3://{bucket}/images"
     cfg = load_config("debug", [f"run.root_uri={tmp_path}", f"generate.bundle_uri={bundle_uri}",
                                 f"generate.captions_uri=s3://{bucket}/in/captions.txt", f"generate.output_uri={out}",
-                                "generate.n=2", "generate.candidates=3", "generate.max_caption_chars=200",
-                                "generate.num_actors=1", "generate.batch_size=2", "generate.seed=7"])
+                                "generate.n=2", "generate.sampling.candidates=3", "generate.max_caption_chars=200",
+                                "generate.actors.num_actors=1", "generate.actors.batch_size=2", "generate.sampling.seed=7"])
     job = _generate_job()
     assert job.main(cfg) == 0
     manifest = storage.read_json(f"{out}/manifest.json")

@@ -271,7 +271,7 @@ def test_single_gpu_preset():
     cfg = load_config("single_gpu")
     for stage in (cfg.dvae, cfg.prior, cfg.reranker):
         assert stage.use_gpu and stage.num_workers == 1
-    assert cfg.encode.use_gpu and cfg.prior.precision == "bf16"
+    assert cfg.encode.actors.use_gpu and cfg.prior.precision == "bf16"
     assert cfg.dvae.size == "small" and cfg.prior.dim > 512  # mid-size: above the `small` prior
 
 
@@ -289,7 +289,7 @@ def test_cluster_preset_is_paper_shaped():
     assert p.micro_batch * p.grad_accum * p.num_workers == 1024  # the paper's batch
     for uri in (cfg.run.root_uri, cfg.data.source.uri):
         assert uri.startswith("s3://")
-    assert cfg.dvae.use_gpu and cfg.encode.use_gpu and cfg.reranker.use_gpu
+    assert cfg.dvae.use_gpu and cfg.encode.actors.use_gpu and cfg.reranker.use_gpu
 
 
 # --- What `ray job submit --working-dir .` uploads ---------------------------------------------

@@ -162,3 +162,18 @@ def test_cli_runs_on_an_existing_cluster(ray_cluster, tmp_path):
     assert "heldout" in r.stdout and "rows/s" in r.stdout
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["input_samples"] == 130 and manifest["kept_samples"] == 130
+
+
+@pytest.mark.parametrize("held_out, words", [("[mauve circle]", "unknown colour 'mauve'"),
+                                             ("[red circle, red square, red triangle, red diamond]",
+                                              "removes colour 'red'")])
+def test_held_out_pairs_are_checked_before_prepare_starts(held_out, words, tmp_path):
+    """The shapes vocabulary lives in tessera.data.shapes, above the config layer: prepare's
+    preflight checks the declared pairs before any work, naming the field."""
+    from tessera.config import ConfigError
+    from tessera.data.prepare import preflight
+
+    cfg = load_config("debug", [f"run.root_uri={tmp_path}", f"data.source.shapes.held_out={held_out}"])
+    with pytest.raises(ConfigError, match=f"data.source.shapes.held_out: .*{words}"):
+        preflight(cfg)
+    assert not (tmp_path / "data").exists()

@@ -8,6 +8,7 @@ whole into Ray tasks and Train workers (it pickles), so there is one source of t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from tessera import storage
 from tessera.paths import RunPaths
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+# The presets ship inside the package (package data), so `--config debug` works from an installed
+# wheel; jobs/configs in a checkout links here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # A location: an object-store URI or a local path; a relative path is resolved where the config
 # is loaded (the driver), since workers run elsewhere.
@@ -42,8 +45,7 @@ class StorageConfig(Section):
     """Object-store settings. Credentials are never config: they come from the standard AWS /
     Google variables, instance roles or workload identity, so nothing secret is written to outputs."""
 
-    # S3-compatible endpoint (MinIO, Ceph, a local test server); default: AWS_ENDPOINT_URL_S3 /
-    # AWS_ENDPOINT_URL from the environment, else AWS itself.
+    # S3-compatible endpoint (MinIO, Ceph, a test server); None: AWS_ENDPOINT_URL(_S3), else AWS.
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
@@ -55,12 +57,9 @@ class RayConfig(Section):
     # None: join a running cluster if RAY_ADDRESS is set, else start a local one on 127.0.0.1.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
-    # CPUs Ray Data may use at once. Bounding it leaves room for Train workers so that Data and
-    # Train never wait on each other for a slot (the 2-CPU "backpressured" stall).
+    # CPUs Ray Data may use at once; bounded, Data and Train never wait on each other for a slot.
     data_cpu_limit: float | None = Field(None, gt=0)
-    # Whether a Ray this job starts itself (not one it joins) collects Prometheus metrics. Off:
-    # idle, such a Ray's ~22 processes (dashboard, agents, Train/Data actors) used 22% of one
-    # core instead of 32% on the 2-core machine; the dashboard and State API still run.
+    # Prometheus metrics in a Ray the job starts itself; off: an idle local Ray costs ~30% less CPU.
     local_metrics: bool = False
 
 
@@ -70,18 +69,14 @@ class ShapesConfig(Section):
     image_size: int = Field(64, ge=32, le=1024)
     max_objects: int = Field(3, ge=1, le=3)
     seed: int = Field(0, ge=0)
-    # (colour, shape) pairs that never appear in training, as "colour shape" strings; None keeps
-    # the built-in declaration (tessera.data.shapes.DEFAULT_HELD_OUT).
+    # (colour, shape) pairs never in training, as "colour shape" strings (checked against the
+    # vocabulary by jobs/prepare.py before it starts); None: tessera.data.shapes.DEFAULT_HELD_OUT.
     held_out: list[str] | None = None
 
     @model_validator(mode="after")
     def _held_out_pairs(self) -> ShapesConfig:
-        if self.held_out is not None:
-            from tessera.data.shapes import validate_held_out
-
-            pairs = validate_held_out(self.held_out)  # ValueError names the bad entry
-            if not pairs and self.num_heldout > 0:
-                raise ValueError("held_out is empty but num_heldout > 0: declare pairs or set num_heldout: 0")
+        if self.held_out is not None and not [p for p in self.held_out if p.strip()] and self.num_heldout > 0:
+            raise ValueError("held_out is empty but num_heldout > 0: declare pairs or set num_heldout: 0")
         return self
 
 
@@ -160,8 +155,7 @@ class StageTrainConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
-    # How Ray places the workers: PACK fills a node first (a cluster's multi-GPU nodes); SPREAD
-    # puts them on as many nodes as it can.
+    # Worker placement: PACK fills a node first (multi-GPU nodes); SPREAD uses as many nodes as it can.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False
     max_failures: int = Field(1, ge=-1)  # -1: retry forever
@@ -177,17 +171,18 @@ class DVAETrainConfig(StageTrainConfig):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)
-    tau_start: float = Field(1.0, gt=0)
+    tau_start: float = Field(1.0, gt=0)  # Gumbel-softmax temperature, cosine-annealed (paper: 1 -> 1/16)
     tau_end: float = Field(1 / 16, gt=0)
-    tau_steps: int | None = Field(None, ge=1)  # None: all of `steps`
-    beta_max: float = Field(6.6, ge=0)
+    tau_steps: int | None = Field(None, ge=1)  # steps of the τ annealing; None: all of `steps`
+    beta_max: float = Field(6.6, ge=0)  # KL weight β, cosine-ramped from 0 (paper: 6.6 over 5k updates)
     beta_steps: int = Field(5_000, ge=1)
-    # Weight of KL(batch-mean posterior || uniform): keeps a short run from using few codes.
+    # Beyond the paper (0 is the paper): weight of KL(batch-mean posterior || uniform), against
+    # a short run using few codes.
     usage_weight: float = Field(0.1, ge=0)
-    # Factor on the encoder's logits in training (DVAE.forward): > 1 lets a short run's posteriors
-    # outweigh the Gumbel noise. Tokens (argmax) do not depend on it.
+    # Beyond the paper (1.0): factor on the encoder's logits before the Gumbel noise in training, so
+    # a short run's posteriors outweigh the noise; tokens (argmax) do not depend on it.
     logit_scale: float = Field(1.0, gt=0)
-    recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
+    recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"  # the paper's; mse for small debug runs
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # None: {run.root_uri}/dvae
@@ -201,9 +196,7 @@ class PowerSGDConfig(Section):
     warm_start: bool = True
     error_feedback: bool = True
     seed: int = 0
-    # Optimizer steps before compression starts, averaged exactly across nodes meanwhile (as
-    # torch's PowerSGD hook does for its first start_powerSGD_iter steps): early gradients
-    # change fast. 0: compressed from the first step.
+    # Optimizer steps averaged exactly before compression starts (torch's start_powerSGD_iter); 0: none.
     start_step: int = Field(0, ge=0)
 
 
@@ -219,11 +212,9 @@ class GradCommConfig(Section):
     """How gradients travel between nodes (tessera.training.grad_comm)."""
 
     method: Literal["none", "powersgd", "zeropp"] = "none"
-    # Workers per node; None: detected from each worker's Ray node (consecutive ranks per node
-    # when declared, which is how a one-machine run is split into "nodes").
+    # Workers per node (consecutive ranks); None: detected from each worker's Ray node.
     ranks_per_node: int | None = Field(None, ge=1)
-    # Every this many steps, check that every worker holds bit-identical parameters (a gather
-    # of the whole model; reported as replicas_identical). 0: never.
+    # Steps between checks that every worker holds bit-identical parameters (replicas_identical); 0: never.
     verify_every: int = Field(0, ge=0)
     powersgd: PowerSGDConfig = Field(default_factory=PowerSGDConfig)
     zeropp: ZeroPPConfig = Field(default_factory=ZeroPPConfig)
@@ -240,9 +231,9 @@ class PriorTrainConfig(StageTrainConfig):
     dim: int | None = Field(None, ge=8)
     depth: int | None = Field(None, ge=1)
     heads: int | None = Field(None, ge=1)
-    attention: Literal["full", "sparse"] | None = None
-    glu: bool | None = None
-    normformer: bool | None = None
+    attention: Literal["full", "sparse"] | None = None  # sparse: the paper's row/column/conv masks
+    glu: bool | None = None  # beyond the paper: gated (GEGLU) feed-forward blocks
+    normformer: bool | None = None  # beyond the paper: NormFormer's extra norms (as DALL·E Mega)
     # 'auto': FlexAttention (block-sparse) on CUDA, the dense reference path elsewhere.
     attention_impl: Literal["auto", "dense", "flex"] = "auto"
     # Paper: AdamW, lr 4.5e-4, β = (0.9, 0.96), ε = 1e-8, decay 4.5e-2, gradient norm clipped at 4.
@@ -254,18 +245,15 @@ class PriorTrainConfig(StageTrainConfig):
     # Loss = text_weight · caption CE + image_weight · image CE (paper: 1/8, 7/8).
     text_weight: float = Field(1 / 8, ge=0)
     image_weight: float = Field(7 / 8, ge=0)
-    # Each caption is replaced by the all-padding caption with this probability, so the model
-    # also learns p(image) (classifier-free guidance at sampling time; the validation baseline).
+    # Probability a caption is replaced by all padding: the model also learns p(image), for guidance.
     caption_dropout: float = Field(0.1, ge=0, le=1)
     zero_stage: int = Field(3, ge=0, le=3)
-    # 'auto': bf16 autocast where the device computes in bf16 natively (CUDA), else fp32.
-    # 'fp16': fp16 autocast with the paper's per-resblock gradient scaling (CUDA only).
+    # auto: bf16 autocast on CUDA, else fp32; fp16 (CUDA only) uses the paper's per-resblock scaling.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # Per-resblock gradient scaling; None: on exactly when precision is fp16 (true in fp32
-    # exercises the scaler's machinery at no numerical risk).
+    # Per-resblock gradient scaling; None: exactly with fp16 (true in fp32 exercises it, for tests).
     resblock_grad_scaling: bool | None = None
-    # Validation: image loss with and without captions over the first `val_samples` val rows;
-    # a sample grid for the first `grid_captions` val captions, `grid_samples` images each.
+    # Validation: image loss with and without captions on the first val_samples val rows, and a
+    # sample grid of grid_captions val captions x grid_samples images.
     val_samples: int = Field(256, ge=1)
     grid_captions: int = Field(8, ge=0)
     grid_samples: int = Field(4, ge=1)
@@ -309,8 +297,7 @@ class RerankerTrainConfig(StageTrainConfig):
     # None: the dVAE size's image_size (what decoded candidates measure).
     image_size: int | None = Field(None, ge=8, le=1024)
     micro_batch: int = Field(64, ge=2)  # per worker; the in-batch negatives of the contrastive loss
-    # AdamW as CLIP: β = (0.9, 0.98), ε = 1e-6, decay on matrices only (CLIP's 0.2 is for far
-    # longer runs).
+    # AdamW as CLIP's β = (0.9, 0.98), ε = 1e-6, decay on matrices only (CLIP's 0.2 suits longer runs).
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -330,18 +317,61 @@ class RerankerTrainConfig(StageTrainConfig):
         return self
 
 
+class ActorPoolConfig(Section):
+    """Ray Data actors that each hold a loaded model (encode, evaluate, generate)."""
+
+    num_actors: int = Field(2, ge=1)  # actors in the pool (encode: its upper bound)
+    cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved per actor; also its torch threads (at least 1)
+    batch_size: int = Field(16, ge=1)  # items per model call in an actor (encode: images, else captions)
+    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+
+
+class SamplingConfig(Section):
+    """How images are drawn from a bundle (evaluate, generate); what the HTTP API's options mean."""
+
+    # Images drawn per caption, ranked by the reranker; None: as many as are kept (no reranking).
+    candidates: int | None = Field(None, ge=1, le=64)
+    temperature: float = Field(1.0, ge=0, le=10)  # sampling temperature (0: argmax)
+    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens; None: all
+    top_p: float | None = Field(None, gt=0, le=1)  # nucleus sampling; None: off
+    guidance_scale: float = Field(1.0, ge=0, le=100)  # classifier-free guidance; 1: none
+    seed: int = Field(0, ge=0)  # base seed: caption i of a run is seeded by a hash of (seed, i)
+
+
+# Fields that sat directly in encode / evaluate / generate before the shared sections above; a
+# config that still sets them there is moved into the section, with a warning.
+_MOVED = {"actors": ("num_actors", "cpus_per_actor", "batch_size", "use_gpu"),
+          "sampling": ("candidates", "temperature", "top_k", "top_p", "guidance_scale", "seed")}
+
+
+def _move_flat_fields(section: str, data: Any, moves: tuple[str, ...]) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data, moved = dict(data), []
+    for sub in moves:
+        found = {k: data.pop(k) for k in _MOVED[sub] if k in data}
+        if found:
+            data[sub] = {**(data.get(sub) or {}), **found}  # an old --set wins over the preset
+            moved += [f"{section}.{k} -> {section}.{sub}.{k}" for k in found]
+    if moved:
+        warnings.warn(f"config fields moved (read from their new place this time): {', '.join(moved)}",
+                      FutureWarning, stacklevel=2)
+    return data
+
+
 class EncodeConfig(Section):
     """The encode job: image shards -> token shards with the exported dVAE."""
 
-    # None: {dvae output}/export, where train_dvae exports.
-    dvae_uri: Uri | None = None
-    # None: {run.root_uri}/tokens
-    output_uri: Uri | None = None
-    batch_size: int = Field(256, ge=1)  # images per dVAE forward
-    num_actors: int = Field(2, ge=1)  # upper bound of the actor pool
-    cpus_per_actor: float = Field(1.0, gt=0)
-    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
-    overwrite: bool = False
+    dvae_uri: Uri | None = None  # the dVAE export; None: {dvae output}/export, where train_dvae exports
+    output_uri: Uri | None = None  # None: {run.root_uri}/tokens
+    # An actor per image shard at a time; its batch_size is images per dVAE forward.
+    actors: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
+    overwrite: bool = False  # redo token shards already published at output_uri
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _move_flat_fields("encode", data, ("actors",))
 
 
 class ExportConfig(Section):
@@ -373,14 +403,15 @@ class ClassifierConfig(Section):
     seed: int = Field(1234, ge=0)  # training renders use it; test renders seed + 1 and + 2
     # Light blur / noise / gain jitter, so it also reads the dVAE's decoded images.
     augment: bool = True
-    # Share of training batches shown through the evaluated bundle's dVAE (decode(encode(render))),
-    # so it reads that decoder's colours and edges as well as the renders; 0: renders only. Its
-    # accuracy on renders is reported either way.
+    # Share of training batches shown through the bundle's dVAE (decode(encode(x))); 0: renders only.
     recon_fraction: float = Field(0.0, ge=0, le=1)
+    # Resolution it reads; None: the evaluated bundle's.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    # Objects per scene it is trained and measured on, up to; None: the prepared data's max_objects.
+    max_objects: int | None = Field(None, ge=1, le=3)
     # torch threads while training and scoring; None: torch's default.
     threads: int | None = Field(None, ge=1)
-    # Where it is saved and found again (reused while the settings above match);
-    # None: {run.root_uri}/eval/classifier
+    # Where it is saved and reused while the fields above match; None: {run.root_uri}/eval/classifier.
     uri: Uri | None = None
     retrain: bool = False  # train again even when a matching classifier is saved
 
@@ -395,54 +426,49 @@ class EvaluateConfig(Section):
     output_uri: Uri | None = None
     num_captions: int = Field(256, ge=0)  # the first this many captions of the prepared val split
     num_heldout: int = Field(256, ge=0)  # the first this many held-out captions (novel colour/shape pairs)
-    # Images drawn per caption: candidate 0 is "without reranking", the reranker's best of all is
-    # "with reranking" (the same draws).
-    candidates: int = Field(4, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0, le=10)  # sampling temperature (0: argmax)
-    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens; None: all
-    top_p: float | None = Field(None, gt=0, le=1)  # nucleus sampling; None: off
-    guidance_scale: float = Field(1.0, ge=0, le=100)  # classifier-free guidance; 1: none
-    seed: int = Field(0, ge=0)  # base seed; caption i's seed is a hash of (seed, split, i)
-    num_actors: int = Field(2, ge=1)  # generation actors, each holding the bundle
-    cpus_per_actor: float = Field(1.0, gt=0)  # also its torch threads (rounded down, at least 1)
-    batch_size: int = Field(16, ge=1)  # captions per sampler call in an actor
-    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+    # All candidates kept: candidate 0 scores "without reranking", the reranker's best "with" it.
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(candidates=4))
+    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)  # generation actors, each holding the bundle
     # Val images reconstructed by the dVAE (PSNR, codebook use, classifier accuracy on them).
     recon_images: int = Field(256, ge=0)
     prior_val_rows: int = Field(256, ge=0)  # val images (encoded by the bundle's dVAE) for the prior's image loss
     grid_captions: int = Field(8, ge=0)  # captions per sample grid (val and held-out)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _move_flat_fields("evaluate", data, ("actors", "sampling"))
+
+    @property
+    def candidates(self) -> int:
+        """Images drawn (and kept) per caption."""
+        return self.sampling.candidates or 1
+
 
 class GenerateConfig(Section):
     """jobs/generate.py: offline generation from a file of captions to a folder of PNGs."""
 
-    # A .txt (one caption per line), .jsonl ({"caption": ...} per line) or .parquet (a caption
-    # column) file, or a folder of them.
+    # A .txt (a caption per line), .jsonl ({"caption": ...}) or .parquet file, or a folder of them.
     captions_uri: Uri | None = None
-    # PNGs under {output_uri}/{generation}/images/, index.jsonl beside them, manifest.json last;
-    # None: {run.root_uri}/generated
+    # {generation}/images/*.png, index.jsonl, then manifest.json; None: {run.root_uri}/generated.
     output_uri: Uri | None = None
     bundle_uri: Uri | None = None  # the bundle to draw with (--bundle sets it); None: {run.root_uri}/bundle
-    n: int = Field(1, ge=1, le=64)  # images kept per caption
-    # Drawn per caption, the reranker's best n kept; None: n (no reranking).
-    candidates: int | None = Field(None, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0, le=10)  # sampling temperature (0: argmax)
-    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens; None: all
-    top_p: float | None = Field(None, gt=0, le=1)  # nucleus sampling; None: off
-    guidance_scale: float = Field(1.0, ge=0, le=100)  # classifier-free guidance; 1: none
-    seed: int = Field(0, ge=0)  # base seed; line i's seed is a hash of (seed, i)
+    n: int = Field(1, ge=1, le=64)  # images kept per caption: the reranker's best n of sampling.candidates
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # line i is seeded by a hash of (seed, i)
     max_caption_chars: int = Field(1_000, ge=1)  # longer lines are skipped and counted
     limit: int | None = Field(None, ge=1)  # only the first this many good captions
-    num_actors: int = Field(2, ge=1)  # generation actors, each holding the bundle
-    cpus_per_actor: float = Field(1.0, gt=0)  # also its torch threads (rounded down, at least 1)
-    batch_size: int = Field(16, ge=1)  # captions per sampler call in an actor
-    use_gpu: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)  # generation actors, each holding the bundle
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _move_flat_fields("generate", data, ("actors", "sampling"))
 
     @model_validator(mode="after")
     def _candidates(self) -> GenerateConfig:
-        if self.candidates is not None and self.candidates < self.n:
-            raise ValueError(f"candidates ({self.candidates}) must be at least n ({self.n})")
+        if self.sampling.candidates is not None and self.sampling.candidates < self.n:
+            raise ValueError(f"sampling.candidates ({self.sampling.candidates}) must be at least n ({self.n})")
         return self
 
 
@@ -521,7 +547,7 @@ def validate_config(raw: dict, *, origin: str = "config") -> TesseraConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TesseraConfig:
-    """Load a YAML preset (a path, or a name in jobs/configs/ like 'debug') plus overrides."""
+    """Load a YAML preset (a path, or a preset name like 'debug': platform/tessera/configs/, linked from jobs/configs) plus overrides."""
     raw: dict = {}
     origin = "defaults"
     if path is not None:

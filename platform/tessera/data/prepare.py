@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tessera import published, storage
-from tessera.config import TesseraConfig
+from tessera.config import ConfigError, TesseraConfig
 from tessera.data import plan, preprocess, sources
 from tessera.data.tar import write_tar
 from tessera.data.tokenizer import train_tokenizer
@@ -44,8 +44,15 @@ def preflight(cfg: TesseraConfig) -> list[str]:
     """Everything that can be checked before work starts: the output is writable, the inputs
     exist, Parquet has the configured columns. Returns the input file URIs."""
     opts = _options(cfg)
-    storage.require_writable(cfg.paths.data, opts)
     src = cfg.data.source
+    if src.kind == "shapes":
+        from tessera.data import shapes
+
+        try:
+            shapes.validate_held_out(src.shapes.held_out)
+        except ValueError as e:
+            raise ConfigError(f"data.source.shapes.held_out: {e}") from None
+    storage.require_writable(cfg.paths.data, opts)
     if src.kind == "shapes":
         return []
     files = storage.require_inputs(src.uri, opts, suffixes=_SUFFIXES[src.kind])

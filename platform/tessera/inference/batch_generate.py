@@ -50,6 +50,12 @@ class Sampling:
     guidance_scale: float = 1.0
     seed: int = 0  # the base seed
 
+    @classmethod
+    def of(cls, config, *, keep: int) -> Sampling:
+        """From a SamplingConfig: its candidates (at least `keep`), the best `keep` kept."""
+        return cls(candidates=max(config.candidates or keep, keep), keep=keep, temperature=config.temperature,
+                   top_k=config.top_k, top_p=config.top_p, guidance_scale=config.guidance_scale, seed=config.seed)
+
 
 def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: Sampling):
     """M candidates per prompt as drawn, and their reranker scores.
@@ -249,13 +255,12 @@ def run_generate(cfg) -> dict:
     old = published.existing(out, opts)
     published.clear_unpublished_generations(out, opts, keep=old.get("generation") if old else None)
     generation = published.new_generation()
-    sampling = Sampling(candidates=g.candidates or g.n, keep=g.n, temperature=g.temperature, top_k=g.top_k,
-                        top_p=g.top_p, guidance_scale=g.guidance_scale, seed=g.seed)
-    items = [{**c, "seed": caption_seed(g.seed, c["index"])} for c in captions]
-    use_gpu = g.use_gpu if g.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    sampling, a = Sampling.of(g.sampling, keep=g.n), g.actors
+    items = [{**c, "seed": caption_seed(sampling.seed, c["index"])} for c in captions]
+    use_gpu = a.use_gpu if a.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     t0 = time.time()
-    rows = generate_images(items, bundle_uri=bundle_uri, sampling=sampling, options=opts, batch_size=g.batch_size,
-                           num_actors=g.num_actors, cpus_per_actor=g.cpus_per_actor, use_gpu=use_gpu,
+    rows = generate_images(items, bundle_uri=bundle_uri, sampling=sampling, options=opts, batch_size=a.batch_size,
+                           num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, use_gpu=use_gpu,
                            output_uri=out, images_folder=f"{generation}/images")
     seconds = time.time() - t0
     index = "".join(json.dumps({k: r[k] for k in ("file", "caption", "index", "seed", "rank", "candidate", "score")}) + "\n"

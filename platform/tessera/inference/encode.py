@@ -170,14 +170,15 @@ def run_encode(cfg: TesseraConfig) -> dict:
                           "dst": storage.join(cfg.paths.tokens, generation, split, f"{name}.parquet")})
     tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, data["tokenizer"]["path"]), opts).decode()
     measure = tuple(s for s in data["splits"] if s != "train")
-    use_gpu = e.use_gpu if e.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    a = e.actors
+    use_gpu = a.use_gpu if a.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoder, batch_size=1,
-        compute=ActorPoolStrategy(min_size=1, max_size=e.num_actors),
-        num_cpus=e.cpus_per_actor, num_gpus=1 if use_gpu else None,
+        compute=ActorPoolStrategy(min_size=1, max_size=a.num_actors),
+        num_cpus=a.cpus_per_actor, num_gpus=1 if use_gpu else None,
         fn_constructor_kwargs=dict(dvae_uri=cfg.paths.encode_dvae, opts=opts, tokenizer_json=tokenizer_json,
                                    image_ext=data["image_format"], resolution=data["resolution"],
-                                   batch_size=e.batch_size, use_gpu=use_gpu, measure_psnr=measure),
+                                   batch_size=a.batch_size, use_gpu=use_gpu, measure_psnr=measure),
     ).take_all()
     by_path = {r["path"]: r for r in results}
 

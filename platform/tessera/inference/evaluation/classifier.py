@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera import published, storage
+from tessera.config import ClassifierConfig
 from tessera.data import shapes
 from tessera.inference.evaluation.scenes import HEADS, NUM_LABELS, canonical_scene, score_labels
 from tessera.models.dvae import to_model_input
@@ -37,37 +37,24 @@ FORMAT_VERSION = 1
 _HEAD_SIZES = [n for _, n in HEADS]
 
 
-@dataclass(frozen=True)
-class ClassifierSpec:
-    """Everything that decides the trained weights: a saved classifier is reused only when its
-    spec equals the one asked for."""
+# Bumped whenever the renders, the network or the augmentation change, so a classifier saved by
+# other code is trained again rather than reused.
+RECIPE = 3
+RUN_FIELDS = {"threads", "uri", "retrain"}  # how and where it runs, not what it learns
 
-    image_size: int = 32
-    width: int = 16  # channels of the full-resolution convs; 2x after each pooling
-    hidden: int = 256
-    train_samples: int = 12000
-    steps: int = 800
-    batch_size: int = 128
-    lr: float = 3e-3
-    seed: int = 1234
-    double_fraction: float = 0.3  # share rendered at 2x image_size and area-downsampled
-    augment: bool = True
-    test_samples: int = 2000
-    # Share of training batches shown as the evaluated dVAE reconstructs them (decode(encode(x))
-    # of the same renders), so the classifier reads that decoder's colours and edges; 0: renders
-    # only. The dVAE is part of the spec through its weights' digest.
-    recon_fraction: float = 0.0
-    dvae_sha256: str = ""
-    # Objects per scene it is trained and measured on, up to: the prepared data's max_objects.
-    max_objects: int = shapes.MAX_OBJECTS
-    # Bumped whenever the renders, the network or the augmentation change, so a classifier saved
-    # by other code is trained again rather than reused.
-    recipe: int = 2
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ClassifierSpec:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+def spec_of(c: ClassifierConfig, dvae_sha256: str = "") -> dict:
+    """Everything that decides the trained weights (a saved classifier is reused only when its spec
+    equals this): the config's recipe fields, resolved image_size and max_objects, the recipe
+    version and, when it learns a dVAE's reconstructions, that dVAE's weights digest."""
+    if c.image_size is None or c.max_objects is None:
+        raise ValueError("the classifier's image_size and max_objects must be resolved before training")
+    return c.model_dump(mode="json", exclude=RUN_FIELDS) | {
+        "dvae_sha256": dvae_sha256 if c.recon_fraction > 0 else "", "recipe": RECIPE}
+
+
+def config_of(spec: dict) -> ClassifierConfig:
+    return ClassifierConfig(**{k: v for k, v in spec.items() if k in ClassifierConfig.model_fields})
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -78,7 +65,7 @@ class AttributeClassifier(nn.Module):
     """(B, 3, S, S) in [0, 1] -> logits (B, sum of head sizes). Spatial features are flattened,
     not pooled: where an object is (left, top, ...) is part of the answer."""
 
-    def __init__(self, spec: ClassifierSpec):
+    def __init__(self, spec: ClassifierConfig):
         super().__init__()
         if spec.image_size % 8:
             raise ValueError(f"classifier image_size must be a multiple of 8, got {spec.image_size}")
@@ -166,10 +153,10 @@ def reconstruct(dvae, x: torch.Tensor, *, batch: int = 512) -> torch.Tensor:
     return out.clamp(0, 1).mul(255).round().div(255)
 
 
-def train_classifier(spec: ClassifierSpec, *, dvae=None, report_every: int = 100) -> tuple[AttributeClassifier, dict]:
+def train_classifier(spec: ClassifierConfig, *, dvae=None, report_every: int = 100) -> tuple[AttributeClassifier, dict]:
     """Render, train, and measure on fresh renders (other seeds); returns the model (eval mode)
     and {"train_seconds", "render_seconds", "accuracy": {"real", "real_2x"}, ...}. With
-    spec.recon_fraction > 0, `dvae` (the one spec.dvae_sha256 names) reconstructs the renders."""
+    spec.recon_fraction > 0, `dvae` (the evaluated bundle's) reconstructs the renders."""
     started = time.time()
     torch.manual_seed(spec.seed)
     images, labels = render_scenes(spec.train_samples, seed=spec.seed, image_size=spec.image_size,
@@ -211,7 +198,7 @@ def train_classifier(spec: ClassifierSpec, *, dvae=None, report_every: int = 100
     return model, info
 
 
-def measure_on_renders(model: AttributeClassifier, spec: ClassifierSpec) -> dict:
+def measure_on_renders(model: AttributeClassifier, spec: ClassifierConfig) -> dict:
     """score_labels on fresh renders (seeds the training never used): rendered at the
     classifier's size ("real") and at 2x, area-downsampled ("real_2x")."""
     out = {}
@@ -222,12 +209,12 @@ def measure_on_renders(model: AttributeClassifier, spec: ClassifierSpec) -> dict
     return out
 
 
-def save_classifier(model: AttributeClassifier, info: dict, uri: str, *,
+def save_classifier(model: AttributeClassifier, info: dict, uri: str, *, spec: dict,
                     options: storage.StorageOptions | None = None) -> dict:
     """classifier.safetensors, then classifier.json (last: its presence marks a complete save)."""
     from safetensors.torch import save
 
-    meta = {**published.header(KIND, format_version=FORMAT_VERSION), "spec": asdict(model.spec),
+    meta = {**published.header(KIND, format_version=FORMAT_VERSION), "spec": spec,
             "heads": [list(h) for h in HEADS], **info}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, WEIGHTS), save(state), options)
@@ -235,7 +222,7 @@ def save_classifier(model: AttributeClassifier, info: dict, uri: str, *,
     return meta
 
 
-def load_classifier(uri: str, *, spec: ClassifierSpec | None = None,
+def load_classifier(uri: str, *, spec: dict | None = None,
                     options: storage.StorageOptions | None = None) -> tuple[AttributeClassifier, dict] | None:
     """(model, meta) saved at uri, or None when there is none or it was trained with another spec
     (or other heads). A damaged save raises ValueError naming the file."""
@@ -250,10 +237,13 @@ def load_classifier(uri: str, *, spec: ClassifierSpec | None = None,
         raise ValueError(f"{meta_uri}: not valid JSON ({e})") from None
     if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_uri}: not a tessera shapes classifier (kind={meta.get('kind')!r})")
-    saved = ClassifierSpec.from_dict(meta.get("spec") or {})
+    saved = meta.get("spec") or {}
     if (spec is not None and saved != spec) or meta.get("heads") != [list(h) for h in HEADS]:
         return None
-    model = AttributeClassifier(saved)
+    try:
+        model = AttributeClassifier(config_of(saved))
+    except ValueError as e:  # pydantic's ValidationError is one
+        raise ValueError(f"{meta_uri}: its spec is not a classifier config ({e})") from None
     weights_uri = storage.join(uri, WEIGHTS)
     try:
         model.load_state_dict(load(storage.read_bytes(weights_uri, options)))
@@ -264,13 +254,14 @@ def load_classifier(uri: str, *, spec: ClassifierSpec | None = None,
     return model.eval(), meta
 
 
-def ensure_classifier(spec: ClassifierSpec, uri: str, *, options: storage.StorageOptions | None = None,
-                      retrain: bool = False, dvae=None) -> tuple[AttributeClassifier, dict, bool]:
-    """The classifier saved at uri when its spec matches, else a freshly trained and saved one.
-    Returns (model, meta, trained_now)."""
+def ensure_classifier(c: ClassifierConfig, uri: str, *, options: storage.StorageOptions | None = None,
+                      retrain: bool = False, dvae=None, dvae_sha256: str = "") -> tuple[AttributeClassifier, dict, bool]:
+    """The classifier saved at uri when its spec (spec_of) matches, else a freshly trained and
+    saved one. `c` has image_size and max_objects resolved. Returns (model, meta, trained_now)."""
+    spec = spec_of(c, dvae_sha256)
     if not retrain:
         found = load_classifier(uri, spec=spec, options=options)
         if found is not None:
             return found[0], found[1], False
-    model, info = train_classifier(spec, dvae=dvae)
-    return model, save_classifier(model, info, uri, options=options), True
+    model, info = train_classifier(c, dvae=dvae)
+    return model, save_classifier(model, info, uri, spec=spec, options=options), True

@@ -24,7 +24,7 @@ import torch
 from tessera import published, storage
 from tessera.data import shapes
 from tessera.inference.evaluation import report as draw
-from tessera.inference.evaluation.classifier import ClassifierSpec, ensure_classifier
+from tessera.inference.evaluation.classifier import ensure_classifier
 from tessera.inference.evaluation.scenes import (
     canonical_scene,
     caption_correct,
@@ -45,15 +45,6 @@ SKIP_REASONS = {
     "caption_mismatch": "its caption does not say what its attributes do",
     "undecodable_image": "the image bytes do not decode",
 }
-
-
-def classifier_spec(cfg, image_size: int, dvae_sha256: str, max_objects: int) -> ClassifierSpec:
-    c = cfg.evaluate.classifier
-    return ClassifierSpec(image_size=image_size, width=c.width, hidden=c.hidden, train_samples=c.train_samples,
-                          steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
-                          double_fraction=c.double_fraction, augment=c.augment, test_samples=c.test_samples,
-                          recon_fraction=c.recon_fraction, dvae_sha256=dvae_sha256 if c.recon_fraction > 0 else "",
-                          max_objects=max_objects)
 
 
 @dataclass
@@ -218,9 +209,10 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     # Scenes like the prepared data's: its shapes config says how many objects an image holds.
     max_objects = int(((data.get("config") or {}).get("data") or {}).get("source", {}).get("shapes", {})
                       .get("max_objects") or shapes.MAX_OBJECTS)
-    spec = classifier_spec(cfg, b.resolution, dvae_digest, max_objects)
-    classifier, cmeta, trained = ensure_classifier(spec, cfg.paths.classifier, options=opts, retrain=e.classifier.retrain,
-                                                   dvae=b.dvae)
+    c = e.classifier.model_copy(update={"image_size": e.classifier.image_size or b.resolution,
+                                        "max_objects": e.classifier.max_objects or max_objects})
+    classifier, cmeta, trained = ensure_classifier(c, cfg.paths.classifier, options=opts, retrain=c.retrain,
+                                                   dvae=b.dvae, dvae_sha256=dvae_digest)
     log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
              time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
 
@@ -234,19 +226,18 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         prior["history_val_image_loss"] = history
 
     # Generation: every candidate of every caption, ranked, as rows with PNG bytes.
-    sampling = batch_generate.Sampling(candidates=e.candidates, keep=e.candidates, temperature=e.temperature, top_k=e.top_k,
-                                 top_p=e.top_p, guidance_scale=e.guidance_scale, seed=e.seed)
+    sampling, a = batch_generate.Sampling.of(e.sampling, keep=e.candidates), e.actors
     todo = {"val": e.num_captions, "heldout": e.num_heldout}
-    items = [{"caption": c, "index": i, "seed": caption_seed(e.seed, i, stream), "split": name}
+    items = [{"caption": c, "index": i, "seed": caption_seed(sampling.seed, i, stream), "split": name}
              for stream, name in enumerate(("val", "heldout")) for i, c in enumerate(splits[name].captions[: todo[name]])]
     for name in todo:
         splits[name] = Split(name, splits[name].captions[: todo[name]], splits[name].labels[: todo[name]],
                              splits[name].images[: todo[name]], splits[name].skipped)
-    use_gpu = e.use_gpu if e.use_gpu is not None else _cluster_has_gpus()
+    use_gpu = a.use_gpu if a.use_gpu is not None else _cluster_has_gpus()
     t0 = time.time()
-    log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items), e.num_actors)
-    rows = batch_generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=e.batch_size,
-                                    num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, use_gpu=use_gpu)
+    log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items), a.num_actors)
+    rows = batch_generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=a.batch_size,
+                                    num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, use_gpu=use_gpu)
     gen_seconds = time.time() - t0
     by_split: dict[str, list[dict]] = {"val": [], "heldout": []}
     for r in rows:
@@ -256,7 +247,7 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
                     "bundle": {"uri": uri, "name": b.name, "resolution": b.resolution, "has_reranker": b.reranker is not None,
                                "steps": {p: m.get("step") for p, m in b.manifest["parts"].items()}},
                     "data": {"uri": cfg.paths.data, "generation": data["generation"], "held_out": sorted(" ".join(p) for p in held_out)},
-                    "settings": e.model_dump(mode="json", exclude={"classifier"}), "splits": {}, "notes": []}
+                    "settings": _settings(e), "splits": {}, "notes": []}
     if b.reranker is None and e.candidates > 1:
         report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
     files: dict[str, list[str]] = {"grids": [], "curves": []}
@@ -300,6 +291,12 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     storage.write_text(storage.join(out_uri, "report.md"), draw.markdown(report), opts)
     storage.write_json(storage.join(out_uri, REPORT), report, opts)
     return report
+
+
+def _settings(e) -> dict:
+    """The evaluate section as the report records it: one flat mapping (sampling and actors inlined)."""
+    flat = e.model_dump(mode="json", exclude={"classifier", "sampling", "actors"})
+    return flat | e.sampling.model_dump(mode="json") | e.actors.model_dump(mode="json") | {"candidates": e.candidates}
 
 
 def _cluster_has_gpus() -> bool:
