@@ -68,6 +68,21 @@ class ImageGenerator:
         self.resolution = bundle.resolution
         self.text_len = bundle.text_len
 
+    @classmethod
+    def load(cls, uri: str, *, device: str = "cpu", options=None) -> ImageGenerator:
+        """The model bundle at `uri` (a folder, or an s3:// / gs:// URI), checked and loaded."""
+        from tessera.bundle import load_bundle
+
+        return cls(load_bundle(uri, options=options, device=device), device=device)
+
+    def draw(self, prompt: str, **params):
+        """One image for `prompt` as a PIL image: the reranker's best of `candidates` when given.
+        `params` are GenerationParams' fields (seed, temperature, top_k, top_p, guidance_scale, ...)."""
+        from PIL import Image
+
+        [[image]] = self.generate([(prompt, GenerationParams(n=1, **params))])
+        return Image.fromarray(image)
+
     def check(self, params: GenerationParams, **limits) -> None:
         params.validate(**limits)
         if params.draws > params.n and self.reranker is None:
