@@ -3,13 +3,15 @@
     python bench/compression.py --tokens runs/demo/tokens --steps 200 --rank 8 16
 
 Starts a Ray cluster of two Ray nodes on this machine (`ray.cluster_utils.Cluster`, 127.0.0.1,
-2 CPUs each), and trains the same debug prior (the real prior job, `tessera.training.ray_io.fit`: Ray Data from the token
+2 CPUs each), and trains the same debug prior (the real prior job, `tessera.training.ray_io.fit`:
+Ray Data from the token
 shards, Ray Train, DeepSpeed ZeRO-3) with 4 workers spread 2 per node — the node layout is
 detected from the workers' Ray nodes, not declared — once with `grad_comm.method: none` and once
 with `powersgd` at each rank given. Same seed, data order and schedule. Prints, for each: cross-node bytes
 per optimizer step (all of them, and the gradient part: ZeRO-3's reduce-scatter for `none`,
 PowerSGD's factors for `powersgd`) in the last report window, and over the whole run (which
-includes the first steps: ZeRO-3's first step gathers twice; `--start-step` steps are uncompressed), the final training loss (mean of the last report window) and
+includes the first steps: ZeRO-3's first step gathers twice; `--start-step` steps are uncompressed),
+the final training loss (mean of the last report window) and
 the final validation loss (text/8 + 7·image/8 on fixed validation rows); then the ratios, and one
 JSON line. Bytes are those the step's collectives move across the node boundary under the ring
 model of tessera.parallel.comm_ledger; the last window's figures are the steady state.
@@ -56,7 +58,8 @@ def run_setting(method: str, rank: int, args, root: str) -> tuple[dict, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default=str(ROOT / "runs/demo/tokens"), help="token dataset URI (jobs/encode.py)")
+    ap.add_argument("--tokens", default=str(ROOT / "runs/demo/tokens"),
+                    help="token dataset URI (jobs/encode.py)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rank", type=int, nargs="+", default=[8], help="PowerSGD rank(s)")
     ap.add_argument("--start-step", type=int, default=0,
@@ -93,7 +96,8 @@ def main() -> int:
     print(f"\n{'setting':<18}{'nodes':>6}{'cross-node MB/step':>20}{'of which grads':>16}"
           f"{'train loss':>12}{'val loss':>10}{'wall s':>8}")
     for name, (m, wall) in results.items():
-        print(f"{name:<18}{m['nodes']:>6}{m['cross_node_bytes'] / 1e6:>20.3f}{m['cross_node_grad_bytes'] / 1e6:>16.3f}"
+        print(f"{name:<18}{m['nodes']:>6}{m['cross_node_bytes'] / 1e6:>20.3f}"
+              f"{m['cross_node_grad_bytes'] / 1e6:>16.3f}"
               f"{m['loss']:>12.4f}{m['val_loss']:>10.4f}{wall:>8.0f}")
     base = results["none"][0]
     for r in args.rank:
@@ -112,8 +116,9 @@ def main() -> int:
             "none_train_loss": base["loss"], "powersgd_train_loss": psgd["loss"],
             "train_loss_gap": psgd["loss"] / base["loss"] - 1,
         }
-        print(f"\nrank {r}: cross-node bytes powersgd / none = {summary['bytes_ratio']:.3f} in the last window "
-              f"(gradients alone {summary['grad_bytes_ratio']:.3f}), {summary['run_mean_bytes_ratio']:.3f} over the "
+        print(f"\nrank {r}: cross-node bytes powersgd / none = {summary['bytes_ratio']:.3f} "
+              f"in the last window (gradients alone {summary['grad_bytes_ratio']:.3f}), "
+              f"{summary['run_mean_bytes_ratio']:.3f} over the "
               "whole run; target <= 0.15")
         print(f"rank {r}: final val loss {psgd['val_loss']:.4f} vs {base['val_loss']:.4f} "
               f"({100 * summary['val_loss_gap']:+.2f}%); train loss {100 * summary['train_loss_gap']:+.2f}%; "

@@ -148,7 +148,8 @@ def baseline_loader(s3, shard_keys: list[str], cfg: TesseraConfig, manifest: dic
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    urls = [f"pipe:curl -s -S -f -L '{s3.generate_presigned_url('get_object', Params={'Bucket': BUCKET, 'Key': k}, ExpiresIn=3600)}'"
+    urls = [f"pipe:curl -s -S -f -L '"
+            f"{s3.generate_presigned_url('get_object', Params={'Bucket': BUCKET, 'Key': k}, ExpiresIn=3600)}'"
             for k in shard_keys]
     ext = manifest["image_format"]
     decode = partial(decode_batch, tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
@@ -198,9 +199,11 @@ def main() -> int:
 
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
-        cfg = load_config("debug", [f"run.root_uri=s3://{BUCKET}/bench", f"data.source.shapes.num_samples={args.samples}",
+        cfg = load_config("debug", [f"run.root_uri=s3://{BUCKET}/bench",
+                                    f"data.source.shapes.num_samples={args.samples}",
                                     "data.source.shapes.num_heldout=0", "data.samples_per_shard=500",
-                                    "data.val_fraction=0", f"loader.batch_size={args.batch_size}", *args.overrides])
+                                    "data.val_fraction=0", f"loader.batch_size={args.batch_size}",
+                                    *args.overrides])
         try:
             init_ray(cfg.ray, log_to_driver=False)
             # Only now: init_ray sets up the environment Ray reads when first imported.
@@ -211,16 +214,19 @@ def main() -> int:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             t = time.perf_counter()
             run_prepare(cfg)
-            print(f"prepared {args.samples} samples into s3://{BUCKET}/bench in {time.perf_counter() - t:.1f} s", flush=True)
+            print(f"prepared {args.samples} samples into s3://{BUCKET}/bench "
+                  f"in {time.perf_counter() - t:.1f} s", flush=True)
 
             opts = storage.StorageOptions.from_config(cfg.storage)
             manifest = load_manifest(cfg.paths.data, opts)
-            shard_keys = [storage.resolve(u, opts)[1].split("/", 1)[1] for u in shard_uris(cfg.paths.data, manifest, "train")]
+            shard_keys = [storage.resolve(u, opts)[1].split("/", 1)[1]
+                          for u in shard_uris(cfg.paths.data, manifest, "train")]
             expected = shard_ids(s3, shard_keys)
             if len(expected) != manifest["splits"]["train"]["num_samples"]:
                 raise SystemExit(f"shards hold {len(expected)} distinct samples, manifest says "
                                  f"{manifest['splits']['train']['num_samples']}")
-            tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, manifest["tokenizer"]["path"]), opts).decode()
+            tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, manifest["tokenizer"]["path"]),
+                                                opts).decode()
 
             ds = build_training_dataset(cfg)
             loader = baseline_loader(s3, shard_keys, cfg, manifest, tokenizer_json)
@@ -245,15 +251,16 @@ def main() -> int:
     steady = {name: (n - args.batch_size) * len(t) / sum(x - f for x, f in t) for name, t in times.items()}
     first = {name: sum(f for _, f in t) / len(t) for name, t in times.items()}
     labels = {"tessera": "tessera (Ray Data, S3)", "baseline": "baseline (webdataset+DataLoader, S3)"}
-    print(f"\n{'pipeline':38s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s} {'steady/s':>9s} {'1st batch':>9s}")
+    print(f"\n{'pipeline':38s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s} "
+          f"{'steady/s':>9s} {'1st batch':>9s}")
     for name, t in times.items():
         print(f"{labels[name]:38s} {n * len(t):8d} {sum(x for x, _ in t):8.1f} {rate[name]:10.0f} "
               f"{steady[name]:9.0f} {first[name]:8.2f}s")
     ratio = rate["tessera"] / rate["baseline"]
     steady_ratio = steady["tessera"] / steady["baseline"]
     print(f"ratio tessera/baseline: {ratio:.2f}x whole epochs, {steady_ratio:.2f}x after the first batch   "
-          f"(batch {cfg.loader.batch_size}, shuffle buffer {cfg.loader.local_shuffle_buffer}, prefetch_batches "
-          f"{cfg.loader.prefetch_batches}, total wall {time.perf_counter() - wall:.0f} s)")
+          f"(batch {cfg.loader.batch_size}, shuffle buffer {cfg.loader.local_shuffle_buffer}, "
+          f"prefetch_batches {cfg.loader.prefetch_batches}, total wall {time.perf_counter() - wall:.0f} s)")
     print(json.dumps({"tessera_samples_per_s": round(rate["tessera"], 1),
                       "baseline_samples_per_s": round(rate["baseline"], 1), "ratio": round(ratio, 3),
                       "tessera_steady_samples_per_s": round(steady["tessera"], 1),

@@ -28,13 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 # Serve's replicas import serve.app and tessera in their own processes.
-os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "platform"),
+                                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 from tessera.cluster import local_only_env  # noqa: E402
 
 APP, GENERATOR = "bench", "ImageGenerator"
 RAMP_S = 2.0
-PROMPTS = ["a small red circle above a large blue square", "a green triangle to the right of a yellow diamond",
+PROMPTS = ["a small red circle above a large blue square",
+           "a green triangle to the right of a yellow diamond",
            "a large blue circle", "a small yellow square below a red triangle"]
 
 
@@ -62,7 +64,8 @@ class ReplicaSampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 states = serve.status().applications[APP].deployments[GENERATOR].replica_states
-                self.samples.append((time.time() - self.t0, states.get("RUNNING", 0), states.get("STARTING", 0)))
+                self.samples.append((time.time() - self.t0, states.get("RUNNING", 0),
+                                     states.get("STARTING", 0)))
             except (KeyError, AttributeError):
                 pass
             self.stop.wait(self.period_s)
@@ -77,10 +80,12 @@ class ReplicaSampler(threading.Thread):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", default=str(ROOT / "runs/demo/bundle"), help="model bundle URI (jobs/export.py)")
+    ap.add_argument("--bundle", default=str(ROOT / "runs/demo/bundle"),
+                    help="model bundle URI (jobs/export.py)")
     ap.add_argument("--concurrency", type=int, default=8, help="clients posting back to back")
     ap.add_argument("--n", type=int, default=4, help="images per request")
-    ap.add_argument("--candidates", type=int, default=None, help="per request (needs a bundle with a reranker)")
+    ap.add_argument("--candidates", type=int, default=None,
+                    help="per request (needs a bundle with a reranker)")
     ap.add_argument("--num-cpus", type=float, default=1.0, help="per generator replica")
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray")
     ap.add_argument("--max-batch-size", type=int, default=4)
@@ -89,8 +94,10 @@ def main() -> int:
                     help="also the length of the one-replica baseline window")
     ap.add_argument("--downscale-delay-s", type=float, default=5.0)
     ap.add_argument("--look-back-s", type=float, default=2.0)
-    ap.add_argument("--metrics-interval-s", type=float, default=0.5, help="how often load reaches the autoscaler")
-    ap.add_argument("--after-scale-s", type=float, default=15.0, help="keep the burst going this long at 2 replicas")
+    ap.add_argument("--metrics-interval-s", type=float, default=0.5,
+                    help="how often load reaches the autoscaler")
+    ap.add_argument("--after-scale-s", type=float, default=15.0,
+                    help="keep the burst going this long at 2 replicas")
     ap.add_argument("--burst-max-s", type=float, default=120.0)
     ap.add_argument("--idle-max-s", type=float, default=90.0)
     ap.add_argument("--sample-s", type=float, default=0.5)
@@ -107,10 +114,13 @@ def main() -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {
-        "bundle": a.bundle, "num_cpus": a.num_cpus, "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": 0.05,
-        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": a.target_ongoing,
+        "bundle": a.bundle, "num_cpus": a.num_cpus, "max_batch_size": a.max_batch_size,
+        "batch_wait_timeout_s": 0.05,
+        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+        "target_ongoing_requests": a.target_ongoing,
         "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
-        "look_back_period_s": a.look_back_s, "metrics_interval_s": a.metrics_interval_s, "max_ongoing_requests": a.max_batch_size,
+        "look_back_period_s": a.look_back_s, "metrics_interval_s": a.metrics_interval_s,
+        "max_ongoing_requests": a.max_batch_size,
         # Room for every client: this bench measures scaling, not refusals.
         "max_queued_requests": 2 * a.concurrency, "request_timeout_s": 300, "max_n": 10, "max_candidates": 64}
     t_deploy = time.time()
@@ -135,8 +145,8 @@ def main() -> int:
         while not stop.is_set():
             start = time.time()
             try:
-                status = session.post(url, json={"prompt": PROMPTS[(k + i) % len(PROMPTS)], "seed": 1000 * k + i,
-                                                 **body}, timeout=300).status_code
+                status = session.post(url, json={"prompt": PROMPTS[(k + i) % len(PROMPTS)],
+                                                 "seed": 1000 * k + i, **body}, timeout=300).status_code
             except requests.RequestException:
                 status = -1  # connection error
             with lock:
@@ -156,7 +166,8 @@ def main() -> int:
         c.join(timeout=300)
     burst_end = time.time() - t0
     while time.time() - t0 < burst_end + a.idle_max_s:
-        if sampler.first(2) is not None and sampler.running == 1 and sampler.first(1, after=burst_end) is not None:
+        if (sampler.first(2) is not None and sampler.running == 1
+                and sampler.first(1, after=burst_end) is not None):
             break
         time.sleep(0.2)
     time.sleep(2 * a.sample_s)
@@ -194,7 +205,8 @@ def report(a, results, samples, burst_end: float, deploy_s: float) -> int:
     one = rate(0.0, t_start2 if t_start2 else burst_end)
     two = rate(t2, burst_end) if t2 else float("nan")
     figures = {
-        "requests": len(results), "ok": len(ok), "errors_by_status": dict(errors), "concurrency": a.concurrency,
+        "requests": len(results), "ok": len(ok), "errors_by_status": dict(errors),
+        "concurrency": a.concurrency,
         "n": a.n, "candidates": a.candidates, "burst_s": round(burst_end, 1), "deploy_s": round(deploy_s, 1),
         "latency_p50_s": round(percentile(lat, 50), 3), "latency_p99_s": round(percentile(lat, 99), 3),
         "latency_mean_s": round(statistics.fmean(lat), 3) if lat else None,
@@ -202,7 +214,8 @@ def report(a, results, samples, burst_end: float, deploy_s: float) -> int:
         "images_per_s_1_replica": round(one, 2), "images_per_s_2_replicas": round(two, 2),
         "ratio_2_vs_1": round(two / one, 2) if one > 0 and two == two else None,
         "max_replicas_seen": peak,
-        "upscale_started_s": None if t_start2 is None else round(t_start2, 1), "time_to_2_replicas_s": None if t2 is None else round(t2, 1),
+        "upscale_started_s": None if t_start2 is None else round(t_start2, 1),
+        "time_to_2_replicas_s": None if t2 is None else round(t2, 1),
         "time_back_to_1_s": None if back is None else round(back, 1),
         "back_to_1_after_burst_s": None if back is None else round(back - burst_end, 1),
     }

@@ -39,7 +39,8 @@ class Reference(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, s.depth, enable_nested_tensor=False)
         self.head = nn.Linear(s.dim, s.text_vocab + s.image_vocab)
-        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(s.seq_len), persistent=False)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(s.seq_len),
+                             persistent=False)
 
     def forward(self, text_ids, text_mask, image_tokens):
         seq = torch.cat([text_ids, image_tokens + self.s.text_vocab], dim=1)
@@ -132,9 +133,10 @@ def main(argv=None) -> int:
     # Interleave the two so machine noise falls on both alike.
     rates = {"tessera": [], "reference": []}
     for _ in range(a.repeats):
-        rates["tessera"] += tokens_per_s(prior, lambda m, d: m(*d)["loss"], data, s, a.batch, a.steps, a.warmup, 1,
-                                         a.device)
-        rates["reference"] += tokens_per_s(ref, lambda m, d: m(*d), data, s, a.batch, a.steps, a.warmup, 1, a.device)
+        rates["tessera"] += tokens_per_s(prior, lambda m, d: m(*d)["loss"], data, s, a.batch, a.steps,
+                                         a.warmup, 1, a.device)
+        rates["reference"] += tokens_per_s(ref, lambda m, d: m(*d), data, s, a.batch, a.steps, a.warmup, 1,
+                                           a.device)
     ours, base = statistics.median(rates["tessera"]), statistics.median(rates["reference"])
     flops = matmul_flops_per_step(s, a.batch)
     gemm = sgemm_gflops(a.dim, a.batch * s.seq_len, a.device)

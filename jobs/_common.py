@@ -21,7 +21,8 @@ if _PLATFORM.is_dir() and str(_PLATFORM) not in sys.path:
 
 def parse_args(description: str | None, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="debug", help="YAML path, or a preset name: debug, single_gpu, cluster (default: debug)")
+    p.add_argument("--config", default="debug",
+                   help="YAML path, or a preset name: debug, single_gpu, cluster (default: debug)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a config field, e.g. --set data.resolution=64 (repeatable)")
     return p.parse_args(argv)

@@ -23,7 +23,8 @@ def main(cfg) -> int:
     # Everything a user can get wrong fails here, before Ray starts.
     load_manifest(cfg.paths.data, opts)
     if not storage.exists(storage.join(cfg.paths.encode_dvae, artifacts.PARTS["dvae"].meta), opts):
-        raise storage.StorageError(f"{cfg.paths.encode_dvae}: no dVAE export here (run jobs/train_dvae.py first)")
+        raise storage.StorageError(f"{cfg.paths.encode_dvae}: no dVAE export here "
+                                   "(run jobs/train_dvae.py first)")
     storage.require_writable(cfg.paths.tokens, opts)
     init_ray(cfg.ray)
     from tessera.inference.encode import run_encode, summarize

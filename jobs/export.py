@@ -22,7 +22,8 @@ def main(cfg) -> int:
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parts = ", ".join(f"{p} (step {m['step']}, {m['num_parameters'] or 0:,} parameters)" for p, m in manifest["parts"].items())
+    parts = ", ".join(f"{p} (step {m['step']}, {m['num_parameters'] or 0:,} parameters)"
+                      for p, m in manifest["parts"].items())
     print(f"bundle {manifest['name']!r} at {cfg.paths.bundle}: {parts}; {manifest['resolution']} px images")
     print(f"serve it: serve run serve.app:build_app bundle={cfg.paths.bundle}")
     return 0

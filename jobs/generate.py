@@ -26,7 +26,8 @@ def main(cfg) -> int:
     opts = storage.StorageOptions.from_config(cfg.storage)
     # Everything a user can get wrong fails here, before Ray starts.
     if not cfg.generate.captions_uri:
-        print("error: generate.captions_uri: not set (--set generate.captions_uri=PATH_OR_URI)", file=sys.stderr)
+        print("error: generate.captions_uri: not set (--set generate.captions_uri=PATH_OR_URI)",
+              file=sys.stderr)
         return 2
     try:
         read_manifest(cfg.paths.generate_bundle, opts)

@@ -20,8 +20,8 @@ import time
 
 from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.path)
 
-EXTRA = argparse.ArgumentParser(add_help=False, usage="pipeline.py [--config C] [--set K=V ...] [--only STAGES] "
-                                "[--redo STAGES]")
+EXTRA = argparse.ArgumentParser(add_help=False, usage="pipeline.py [--config C] [--set K=V ...] "
+                                "[--only STAGES] [--redo STAGES]")
 EXTRA.add_argument("--only", default=None, help="comma-separated stages to consider (default: all)")
 EXTRA.add_argument("--redo", default="", help="comma-separated stages to run even if done")
 
@@ -63,7 +63,8 @@ def main(cfg, args: argparse.Namespace | None = None) -> int:
         times[stage.name] = {"status": "ran" if rc == 0 else f"failed ({rc})", "seconds": round(seconds, 1)}
         storage.write_bytes(record_uri, json.dumps(times, indent=1).encode(), opts)
         if rc != 0:
-            print(f"{head}: failed (exit {rc}) after {seconds:.0f} s; fix it and rerun: finished stages are kept")
+            print(f"{head}: failed (exit {rc}) after {seconds:.0f} s; "
+                  "fix it and rerun: finished stages are kept")
             return rc
         print(f"{head}: finished in {_clock(seconds)}", flush=True)
     total = time.time() - started
@@ -74,8 +75,8 @@ def main(cfg, args: argparse.Namespace | None = None) -> int:
     print(f"bundle:            {cfg.paths.bundle}")
     print(f"evaluation report: {report}")
     print(f"sample grid:       {storage.join(cfg.paths.eval, 'grid_val.png')}")
-    print(f"serve it:          serve run serve.app:build_app bundle={cfg.paths.bundle}   (or `make demo`, which"
-          " serves serve/config.yaml)")
+    print(f"serve it:          serve run serve.app:build_app bundle={cfg.paths.bundle}"
+          "   (or `make demo`, which serves serve/config.yaml)")
     return 0
 
 

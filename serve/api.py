@@ -29,15 +29,16 @@ from starlette.responses import JSONResponse
 
 # OpenAI client fields that don't apply to this model, accepted with their standard values and
 # ignored (PNG output is lossless, there is no moderation, quality/style have no counterpart).
-IGNORED_FIELDS = ("quality", "style", "background", "moderation", "output_compression", "user", "safety_identifier")
+IGNORED_FIELDS = ("quality", "style", "background", "moderation", "output_compression", "user",
+                  "safety_identifier")
 # tessera.sampling.generate.MAX_SEED (kept here so this module needs no torch; a test checks they agree).
 MAX_SEED = 2**31 - 1
 EXTENSION_FIELDS = ("seed", "temperature", "top_k", "top_p", "guidance_scale", "candidates")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -47,7 +48,8 @@ class ApiError(Exception):
                             status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(message: str, *, type: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -114,20 +116,23 @@ def _reject_constant(name: str) -> Any:
 
 def parse_json(body: bytes) -> Any:
     if not body.strip():
-        raise ApiError(400, "The request body is empty; send a JSON object with at least a prompt", code="invalid_json")
+        raise ApiError(400, "The request body is empty; send a JSON object with at least a prompt",
+                       code="invalid_json")
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except RecursionError:
         raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise ApiError(400, f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        raise ApiError(400, f"The request body is not valid JSON: {str(e)[:200]}",
+                       code="invalid_json") from None
 
 
 def parse_request(body: bytes, limits: Limits) -> ImageRequest:
     """A validated request or an ApiError naming the field at fault."""
     data = parse_json(body)
     if not isinstance(data, dict):
-        raise ApiError(400, f"The request body must be a JSON object, got {type(data).__name__}", code="invalid_type")
+        raise ApiError(400, f"The request body must be a JSON object, got {type(data).__name__}",
+                       code="invalid_type")
     try:
         req = ImageRequest.model_validate(data)
     except ValidationError as e:
@@ -139,7 +144,8 @@ def parse_request(body: bytes, limits: Limits) -> ImageRequest:
         if err["type"] == "missing":
             raise ApiError(400, f"Missing required parameter: {param}", param=param,
                            code="missing_required_parameter") from None
-        raise ApiError(400, f"Invalid value for {param}: {err['msg']}", param=param, code="invalid_value") from None
+        raise ApiError(400, f"Invalid value for {param}: {err['msg']}", param=param,
+                       code="invalid_value") from None
     check_limits(req, limits)
     return req
 
@@ -157,9 +163,11 @@ def check_limits(req: ImageRequest, limits: Limits) -> None:
         # JSON can spell lone surrogates ("\\ud800"); the tokenizer cannot take them.
         raise _bad("prompt", "prompt is not valid Unicode (it contains a lone surrogate)") from None
     if len(req.prompt) > limits.max_prompt_chars:
-        raise _bad("prompt", f"prompt is {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}")
+        raise _bad("prompt", f"prompt is {len(req.prompt)} characters; "
+                   f"the limit is {limits.max_prompt_chars}")
     if req.model is not None and req.model != limits.model_name:
-        raise ApiError(404, f"The model '{req.model[:100]}' does not exist; this server serves '{limits.model_name}'",
+        raise ApiError(404, f"The model '{req.model[:100]}' does not exist; "
+                       f"this server serves '{limits.model_name}'",
                        param="model", code="model_not_found")
     n = 1 if req.n is None else req.n
     if not 1 <= n <= limits.max_n:

@@ -45,7 +45,8 @@ _STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown routes and wrong methods answer in the same shape as every other error.
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(error_body(message, type="invalid_request_error", code=_STATUS_CODES.get(exc.status_code)),
+    return JSONResponse(error_body(message, type="invalid_request_error",
+                                   code=_STATUS_CODES.get(exc.status_code)),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -58,7 +59,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # A bug, not something the client did: logged with its traceback, answered in OpenAI's shape.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("The server had an error while processing your request.", type="server_error"),
+    return JSONResponse(error_body("The server had an error while processing your request.",
+                                   type="server_error"),
                         status_code=500)
 
 
@@ -162,15 +164,18 @@ class Ingress:
     async def retrieve_model(self, model: str, request: Request) -> JSONResponse:
         self._authorize(request)
         if model != self.limits.model_name:
-            raise ApiError(404, f"The model '{model[:100]}' does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"The model '{model[:100]}' does not exist", param="model",
+                           code="model_not_found")
         return JSONResponse(self._model())
 
     def _model(self) -> dict[str, Any]:
-        return {"id": self.limits.model_name, "object": "model", "created": self.created, "owned_by": "tessera"}
+        return {"id": self.limits.model_name, "object": "model", "created": self.created,
+                "owned_by": "tessera"}
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": self.limits.model_name, "resolution": self.limits.resolution})
+        return JSONResponse({"status": "ok", "model": self.limits.model_name,
+                             "resolution": self.limits.resolution})
 
     @api.get("/")
     async def page(self, request: Request) -> HTMLResponse:

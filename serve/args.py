@@ -85,8 +85,10 @@ class AppArgs(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
         if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= "
+                             f"min_replicas ({self.min_replicas})")
+        if (self.initial_replicas is not None
+                and not self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in "
                              f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
         if self.device == "cuda" and self.num_gpus <= 0:

@@ -39,8 +39,8 @@ class ImageGeneratorDeployment:
         # the application's arguments.
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("loaded bundle %s (%s, %d px) in %.1f s", bundle_uri, self.bundle.name, self.generator.resolution,
-                 time.perf_counter() - t0)
+        log.info("loaded bundle %s (%s, %d px) in %.1f s", bundle_uri, self.bundle.name,
+                 self.generator.resolution, time.perf_counter() - t0)
 
     async def generate(self, job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         """One request (prompt, GenerationParams fields) -> {"images": [PNG bytes] * n} or

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 SHAPES_CAPTIONS = [f"a {size} {color} {shape} on the {where}" for size in ("small", "large")
-                   for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")
+                   for color in ("red", "green", "blue", "yellow")
+                   for shape in ("circle", "square", "triangle")
                    for where in ("left", "right", "top", "bottom")]
 
 
@@ -31,25 +32,30 @@ def make_bundle(out_dir: Path, *, seed: int = 0, reranker: bool = True, name: st
     (parts / "tokenizer" / "tokenizer.json").write_text(tok.to_str())
 
     dvae_shape = NAMED_SHAPES["debug"]
-    artifacts.export("dvae", DVAE(dvae_shape).state_dict(), dvae_shape, str(parts / "dvae"), step=0, weights="init")
+    artifacts.export("dvae", DVAE(dvae_shape).state_dict(), dvae_shape, str(parts / "dvae"), step=0,
+                     weights="init")
     prior_shape = PriorShape(text_vocab=tok.get_vocab_size(), image_vocab=dvae_shape.num_tokens, text_len=16,
-                             grid=dvae_shape.grid_size, dim=64, depth=2, heads=4, attention="sparse", conv_kernel=3)
+                             grid=dvae_shape.grid_size, dim=64, depth=2, heads=4, attention="sparse",
+                             conv_kernel=3)
     prior = Prior(prior_shape)
     storage.write_bytes(str(parts / "prior" / artifacts.PARTS["prior"].weights), save(prior.state_dict()))
     storage.write_json(str(parts / "prior" / artifacts.PARTS["prior"].meta),
-                       {"kind": artifacts.PARTS["prior"].kind, "format_version": 1, "shape": prior_shape.to_dict(), "step": 0,
-                        "weights": "init"})
+                       {"kind": artifacts.PARTS["prior"].kind, "format_version": 1,
+                        "shape": prior_shape.to_dict(), "step": 0, "weights": "init"})
     reranker_uri = None
     if reranker:
         from tessera.models.reranker import Reranker, RerankerShape
 
-        r_shape = RerankerShape(text_vocab=tok.get_vocab_size(), text_len=16, image_size=32, embed_dim=32, text_dim=32,
-                                text_depth=1, text_heads=4, image_width=8, image_stages=3, image_grid=4)
-        storage.write_bytes(str(parts / "reranker" / "reranker.safetensors"), save(Reranker(r_shape).state_dict()))
+        r_shape = RerankerShape(text_vocab=tok.get_vocab_size(), text_len=16, image_size=32, embed_dim=32,
+                                text_dim=32, text_depth=1, text_heads=4, image_width=8, image_stages=3,
+                                image_grid=4)
+        storage.write_bytes(str(parts / "reranker" / "reranker.safetensors"),
+                            save(Reranker(r_shape).state_dict()))
         storage.write_json(str(parts / "reranker" / "reranker.json"),
-                           {"kind": "tessera.reranker", "format_version": 1, "shape": r_shape.to_dict(), "step": 0})
+                           {"kind": "tessera.reranker", "format_version": 1, "shape": r_shape.to_dict(),
+                            "step": 0})
         reranker_uri = str(parts / "reranker")
     write_bundle(str(out_dir / "bundle"), dvae_uri=str(parts / "dvae"), prior_uri=str(parts / "prior"),
-                 tokenizer_uri=str(parts / "tokenizer" / "tokenizer.json"), reranker_uri=reranker_uri, name=name,
-                 overwrite=True)
+                 tokenizer_uri=str(parts / "tokenizer" / "tokenizer.json"), reranker_uri=reranker_uri,
+                 name=name, overwrite=True)
     return str(out_dir / "bundle")

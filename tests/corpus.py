@@ -70,7 +70,8 @@ def good_samples(n: int, *, prefix: str = "good") -> list[tuple[str, dict[str, b
     for i in range(n):
         ext, fmt, mode = fmts[i % len(fmts)]
         files = {ext: image_bytes(fmt, size=(64 + 8 * (i % 5), 48 + 4 * (i % 7)), mode=mode, seed=i),
-                 "txt": f"a photo of thing number {i}".encode(), "json": b'{"url": "http://example.invalid/%d"}' % i}
+                 "txt": f"a photo of thing number {i}".encode(),
+                 "json": b'{"url": "http://example.invalid/%d"}' % i}
         out.append((f"{prefix}-{i:05d}", files))
     return out
 

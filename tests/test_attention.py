@@ -104,7 +104,8 @@ def test_flex_block_mask_agrees_with_dense(pattern):
 def test_compiled_flex_agrees_with_dense():
     spec = MaskSpec(text_len=3, grid=4, pattern="conv")
     q, k, v = (t.detach() for t in _qkv(spec, seed=2))
-    torch.testing.assert_close(attend(q, k, v, spec, "flex"), attend(q, k, v, spec, "dense"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, spec, "flex"), attend(q, k, v, spec, "dense"),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_auto_picks_dense_on_cpu():

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_train_throughput_prints_one_json_line_with_both_rates():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--dim", "32", "--depth", "2", "--heads", "4",
+        [sys.executable, str(ROOT / "bench" / "train_throughput.py"),
+         "--dim", "32", "--depth", "2", "--heads", "4",
          "--text-len", "8", "--grid", "4", "--text-vocab", "64", "--image-vocab", "16", "--batch", "2",
          "--threads", "1", "--attention", "sparse", "--steps", "2", "--warmup", "1", "--repeats", "1"],
         capture_output=True, text=True, check=True, timeout=300)

@@ -25,7 +25,8 @@ def test_bundle_round_trip_and_manifest(bundle_uri):
     assert set(m["files"]) == {"dvae.safetensors", "dvae.json", "prior.safetensors", "prior.json",
                                "reranker.safetensors", "reranker.json", "tokenizer.json"}
     assert m["parts"]["prior"]["shape"]["grid"] == 8
-    assert not any(p.name.endswith((".pt", ".pkl", ".bin")) for p in __import__("pathlib").Path(bundle_uri).iterdir())
+    assert not any(p.name.endswith((".pt", ".pkl", ".bin"))
+                   for p in __import__("pathlib").Path(bundle_uri).iterdir())
 
 
 def test_corrupt_or_missing_bundles_are_refused_by_name(tmp_path):
@@ -47,10 +48,12 @@ def test_parts_that_do_not_fit_together_are_refused(tmp_path):
     from tessera.models.dvae import DVAE, DVAEShape
 
     make_bundle(tmp_path, reranker=False)
-    other = DVAEShape(image_size=32, num_tokens=64, grid_size=8, hidden=32, blocks_per_group=1, decoder_init=64)
+    other = DVAEShape(image_size=32, num_tokens=64, grid_size=8, hidden=32, blocks_per_group=1,
+                      decoder_init=64)
     artifacts.export("dvae", DVAE(other).state_dict(), other, str(tmp_path / "dvae64"))
     with pytest.raises(BundleError, match="image_vocab 128 != dVAE codebook 64"):
-        write_bundle(str(tmp_path / "b2"), dvae_uri=str(tmp_path / "dvae64"), prior_uri=str(tmp_path / "parts/prior"),
+        write_bundle(str(tmp_path / "b2"), dvae_uri=str(tmp_path / "dvae64"),
+                     prior_uri=str(tmp_path / "parts/prior"),
                      tokenizer_uri=str(tmp_path / "parts/tokenizer/tokenizer.json"), name="x")
     assert not (tmp_path / "b2").exists()  # nothing half-written
 
@@ -68,12 +71,14 @@ def test_generator_seeds_candidates_and_reranking(bundle_uri):
     best = gen.generate([("a green triangle", GenerationParams(n=2, seed=3, candidates=6))])[0]
     # The same six draws by hand: candidate j of seed 3 is seeded 3000 + j.
     ids, mask = gen.encode_prompts(["a green triangle"])
-    tokens = sample_image_tokens(gen.prior, ids, mask, seed=[3000 + j for j in range(6)], samples_per_prompt=6)
+    tokens = sample_image_tokens(gen.prior, ids, mask, seed=[3000 + j for j in range(6)],
+                                 samples_per_prompt=6)
     images = gen.dvae.decode(tokens)
     order = gen.score(["a green triangle"] * 6, images).argsort(descending=True)
     want = (images[order[:2]] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert all(np.array_equal(x, y) for x, y in zip(best, want, strict=True))
-    assert not np.array_equal(best[0], (images[order[-1]] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    assert not np.array_equal(best[0],
+                              (images[order[-1]] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     with pytest.raises(ValueError, match="^n:"):
         gen.generate([("x", GenerationParams(n=11))])
     with pytest.raises(ValueError, match="^candidates:"):
@@ -91,8 +96,10 @@ def _export(tmp_path, *overrides):
     import sys
 
     parts = tmp_path / "parts"
-    args = [sys.executable, "jobs/export.py", "--config", "debug", "--set", f"run.root_uri={tmp_path / 'run'}",
-            "--set", f"export.prior_uri={parts / 'prior'}", "--set", f"prior.tokens_uri={parts / 'tokenizer'}",
+    args = [sys.executable, "jobs/export.py", "--config", "debug",
+            "--set", f"run.root_uri={tmp_path / 'run'}",
+            "--set", f"export.prior_uri={parts / 'prior'}",
+            "--set", f"prior.tokens_uri={parts / 'tokenizer'}",
             "--set", f"encode.dvae_uri={parts / 'dvae'}", "--set", f"reranker.output_uri={parts / 'rr'}"]
     for o in overrides:
         args += ["--set", o]
@@ -109,7 +116,8 @@ def test_the_readme_quick_start_draws_a_png(bundle_uri, tmp_path):
 
     with Image.open(tmp_path / "circle.png") as im:
         saved = np.asarray(im.convert("RGB"))
-    [[expected]] = generator.generate([("a small red circle on the left", GenerationParams(seed=3, candidates=2))])
+    [[expected]] = generator.generate([("a small red circle on the left",
+                                        GenerationParams(seed=3, candidates=2))])
     assert saved.shape == (generator.resolution, generator.resolution, 3) and np.array_equal(saved, expected)
 
 
@@ -133,7 +141,8 @@ def test_export_job_writes_a_bundle_to_s3_that_loads_back(tmp_path, s3_server, b
     assert done.returncode == 0, done.stderr
     assert "bundle 'shapes-v1'" in done.stdout and "reranker (step 0" in done.stdout
     b = load_bundle(uri)
-    assert b.name == "shapes-v1" and b.reranker is not None and b.manifest["sources"]["dvae"] == str(parts / "dvae")
+    assert (b.name == "shapes-v1" and b.reranker is not None
+            and b.manifest["sources"]["dvae"] == str(parts / "dvae"))
     assert storage.exists(f"{uri}/tokenizer.json")
 
     meta["tokens"]["tokenizer"]["sha256"] = "0" * 64

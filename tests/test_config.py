@@ -75,13 +75,15 @@ def test_relative_paths_are_pinned_where_the_config_loads(tmp_path, monkeypatch)
 
 def test_prior_precision_choices_are_checked_at_load():
     cfg = load_config("debug")
-    assert cfg.prior.zero_stage == 3 and cfg.prior.precision == "auto" and cfg.prior.resblock_grad_scaling is None
+    assert (cfg.prior.zero_stage == 3 and cfg.prior.precision == "auto"
+            and cfg.prior.resblock_grad_scaling is None)
     with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
         load_config("debug", ["prior.precision=fp16"])
     assert load_config("debug", ["prior.precision=fp16", "prior.use_gpu=true"]).prior.precision == "fp16"
     with pytest.raises(ConfigError, match="bf16 needs no loss scaling"):
         load_config("debug", ["prior.precision=bf16", "prior.resblock_grad_scaling=true"])
-    assert load_config("debug", ["prior.precision=fp32", "prior.resblock_grad_scaling=true"]).prior.resblock_grad_scaling
+    assert load_config("debug", ["prior.precision=fp32",
+                                 "prior.resblock_grad_scaling=true"]).prior.resblock_grad_scaling
     with pytest.raises(ConfigError, match="prior.caption_dropout"):
         load_config("debug", ["prior.caption_dropout=1.5"])
 
@@ -120,3 +122,19 @@ def test_fields_moved_into_shared_sections_are_read_from_their_old_place_with_a_
         assert load_config("debug", ["encode.batch_size=64"]).encode.actors.batch_size == 64
     with pytest.raises(ConfigError, match=r"generate: .*sampling\.candidates \(2\) must be at least n \(3\)"):
         load_config("debug", ["generate.n=3", "generate.sampling.candidates=2"])
+
+
+def test_presets_ship_inside_the_package():
+    """`--config debug` must work from an installed wheel: the presets are package data, and the
+    checkout's jobs/configs is a link to them, not a second copy."""
+    from pathlib import Path
+
+    import tessera
+    from tessera.config import CONFIG_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    assert CONFIG_DIR == Path(tessera.__file__).resolve().parent / "configs"
+    assert ('[tool.setuptools.package-data]\ntessera = ["configs/*.yaml"]'
+            in (root / "pyproject.toml").read_text())
+    assert {p.name for p in preset_paths()} >= {"debug.yaml", "single_gpu.yaml", "cluster.yaml"}
+    assert (root / "jobs" / "configs").resolve() == CONFIG_DIR

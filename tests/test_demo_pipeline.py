@@ -17,16 +17,19 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 SMALL = [
     "data.source.shapes.num_samples=240", "data.source.shapes.num_heldout=24", "data.samples_per_shard=80",
     "data.val_fraction=0.1", "ray.data_cpu_limit=1", "loader.local_shuffle_buffer=32",
-    "dvae.steps=6", "dvae.micro_batch=8", "dvae.report_every=3", "dvae.eval_every=6", "dvae.checkpoint_every=6",
+    "dvae.steps=6", "dvae.micro_batch=8", "dvae.report_every=3", "dvae.eval_every=6",
+    "dvae.checkpoint_every=6",
     "dvae.beta_steps=6", "dvae.warmup_steps=1",
     "prior.steps=6", "prior.micro_batch=4", "prior.dim=32", "prior.depth=1", "prior.heads=2",
     "prior.report_every=3", "prior.eval_every=6", "prior.checkpoint_every=6", "prior.warmup_steps=1",
     "prior.val_samples=8", "prior.grid_captions=2", "prior.grid_samples=2",
     "reranker.steps=4", "reranker.micro_batch=8", "reranker.warmup_steps=1", "reranker.report_every=2",
     "reranker.eval_every=4", "reranker.checkpoint_every=4", "reranker.val_pairs=16",
-    "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=2", "evaluate.actors.num_actors=1",
+    "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=2",
+    "evaluate.actors.num_actors=1",
     "evaluate.recon_images=8", "evaluate.prior_val_rows=8", "evaluate.grid_captions=2",
-    "evaluate.classifier.steps=3", "evaluate.classifier.train_samples=32", "evaluate.classifier.test_samples=16",
+    "evaluate.classifier.steps=3", "evaluate.classifier.train_samples=32",
+    "evaluate.classifier.test_samples=16",
 ]
 
 
@@ -54,7 +57,8 @@ def test_pipeline_end_to_end_publishes_every_artifact_and_resumes(ray_cluster, t
     assert data["splits"]["heldout"]["num_samples"] == 24 and (root / "data" / "tokenizer.json").is_file()
     tokens = json.loads((root / "tokens" / "manifest.json").read_text())
     assert tokens["splits"]["val"]["num_samples"] == data["splits"]["val"]["num_samples"]
-    for stage, meta, steps in (("dvae", "dvae.json", 6), ("prior", "prior.json", 6), ("reranker", "reranker.json", 4)):
+    for stage, meta, steps in (("dvae", "dvae.json", 6), ("prior", "prior.json", 6),
+                               ("reranker", "reranker.json", 4)):
         exported = json.loads((root / stage / "export" / meta).read_text())
         assert exported["step"] == steps, stage
         assert (root / stage / "export" / meta.replace(".json", ".safetensors")).stat().st_size > 0
@@ -80,11 +84,12 @@ def test_pipeline_end_to_end_publishes_every_artifact_and_resumes(ray_cluster, t
     assert out.count("done, skipped") == len(NAMES)
 
     # A longer prior is not done any more: only that stage (and what depends on it) reruns.
-    longer = load_config("debug", [f"run.root_uri={root}", *SMALL, "prior.steps=8", "prior.checkpoint_every=8",
-                                   "prior.eval_every=8"])
+    longer = load_config("debug", [f"run.root_uri={root}", *SMALL, "prior.steps=8",
+                                   "prior.checkpoint_every=8", "prior.eval_every=8"])
     assert pipeline.main(longer) == 0
     times = json.loads((root / "pipeline.json").read_text())
-    assert [n for n, t in times.items() if t["status"] == "ran"] == ["train_prior", "export", "evaluate"], times
+    assert ([n for n, t in times.items() if t["status"] == "ran"]
+            == ["train_prior", "export", "evaluate"]), times
     assert json.loads((root / "prior" / "export" / "prior.json").read_text())["step"] == 8
 
 

@@ -26,7 +26,8 @@ def test_shapes_of_encode_decode_and_named_sizes():
     y = m.decode(tokens)
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
     assert NAMED_SHAPES["paper"].groups == 4 and NAMED_SHAPES["paper"].grid_size == 32
-    assert NAMED_SHAPES["paper"].num_tokens == 8192 and NAMED_SHAPES["debug"].groups == 3 and NAMED_SHAPES["debug"].grid_size == 8
+    assert (NAMED_SHAPES["paper"].num_tokens == 8192 and NAMED_SHAPES["debug"].groups == 3
+            and NAMED_SHAPES["debug"].grid_size == 8)
     with pytest.raises(ValueError, match="power of two"):
         DVAEShape(image_size=48, grid_size=16)
 
@@ -46,7 +47,8 @@ def test_pixel_mapping_and_logit_laplace():
     # NLL is lowest when μ = logit(x) and matches the closed form there: log(2b x(1-x)).
     logit = torch.log(xm) - torch.log1p(-xm)
     exact = torch.cat([logit, torch.zeros_like(logit)], 1)
-    assert logit_laplace_nll(exact, xm) < logit_laplace_nll(exact + 0.5 * torch.cat([torch.ones_like(logit), torch.zeros_like(logit)], 1), xm)
+    assert logit_laplace_nll(exact, xm) < logit_laplace_nll(
+        exact + 0.5 * torch.cat([torch.ones_like(logit), torch.zeros_like(logit)], 1), xm)
     expected = (math.log(2) + torch.log(xm * (1 - xm))).mean()
     assert torch.allclose(logit_laplace_nll(exact, xm), expected, atol=1e-5)
 

@@ -18,7 +18,8 @@ def _damage_one_shard(cfg, manifest) -> set[str]:
     from tessera.data.tar import TarReadResult, iter_tar_samples, write_tar
 
     uri = storage.join(cfg.paths.data, manifest["splits"]["train"]["shards"][0]["path"])
-    samples = [(s.key, dict(s.files)) for s in iter_tar_samples(io.BytesIO(storage.read_bytes(uri)), TarReadResult())]
+    samples = [(s.key, dict(s.files))
+               for s in iter_tar_samples(io.BytesIO(storage.read_bytes(uri)), TarReadResult())]
     samples[3][1]["png"] = b"\x89PNG but not really"
     samples[7][1]["txt"] = b"\xff\xfe caption"
     storage.write_bytes(uri, write_tar(samples))
@@ -64,7 +65,8 @@ def _shards(cfg, manifest, split):
     from tessera import storage
     from tessera.inference.encode import read_token_shard
 
-    return [(e, read_token_shard(storage.join(cfg.paths.tokens, e["path"]))) for e in manifest["splits"][split]["shards"]]
+    return [(e, read_token_shard(storage.join(cfg.paths.tokens, e["path"])))
+            for e in manifest["splits"][split]["shards"]]
 
 
 def test_token_shards_match_manifest_and_skip_bad_samples(encoded):
@@ -102,7 +104,8 @@ def test_tokens_are_the_dvae_codes_and_roundtrip_psnr_is_what_decode_gives(encod
     samples = {s.key: s.files for s in iter_tar_samples(io.BytesIO(storage.read_bytes(src)), TarReadResult())}
     keys = table.column("key").to_pylist()
     assert keys == list(samples)  # order kept, nothing lost
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(samples[k]["png"])).convert("RGB")) for k in keys]))
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(samples[k]["png"])).convert("RGB"))
+                                        for k in keys]))
     x = images.permute(0, 3, 1, 2).float() / 255
     grid = np.array(table.column("image_tokens").to_pylist(), dtype=np.int64).reshape(-1, 8, 8)
     assert table.schema.field("image_tokens").type.value_type == "int16"
@@ -113,8 +116,10 @@ def test_tokens_are_the_dvae_codes_and_roundtrip_psnr_is_what_decode_gives(encod
     assert "train" not in manifest["roundtrip_psnr"]
 
     # Caption ids decode back to the caption, and the tokenizer travels with the shards.
-    tok = CaptionTokenizer.from_json(storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode())
-    for key, caption, ids in zip(keys, table.column("caption").to_pylist(), table.column("text_ids").to_pylist(), strict=True):
+    tok = CaptionTokenizer.from_json(
+        storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode())
+    for key, caption, ids in zip(keys, table.column("caption").to_pylist(),
+                                 table.column("text_ids").to_pylist(), strict=True):
         assert caption == samples[key]["txt"].decode()
         assert tok.decode(np.array([ids]))[0] == caption
 
@@ -126,7 +131,9 @@ def test_rerun_keeps_published_tokens_unless_overwrite(encoded):
     assert run_encode(cfg)["generation"] == manifest["generation"]  # published: left alone
     redo = run_encode(cfg.model_copy(update={"encode": cfg.encode.model_copy(update={"overwrite": True})}))
     assert redo["generation"] != manifest["generation"]
-    assert redo["splits"] == {s: {**v, "shards": [{**e, "path": e["path"].replace(manifest["generation"], redo["generation"])}
-                                                  for e in v["shards"]]} for s, v in manifest["splits"].items()}
+    assert redo["splits"] == {s: {**v, "shards": [{**e, "path": e["path"].replace(manifest["generation"],
+                                                                                  redo["generation"])}
+                                                  for e in v["shards"]]}
+                              for s, v in manifest["splits"].items()}
     old_shard = storage.join(cfg.paths.tokens, manifest["splits"]["val"]["shards"][0]["path"])
     assert not storage.exists(old_shard)  # the superseded generation is gone

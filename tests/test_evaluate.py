@@ -48,7 +48,8 @@ def test_canonical_order_is_spatial():
     row = parse_caption("a small red circle, a large blue square and a small green triangle")
     assert row.layout == "row" and [o[0] for o in row.objects] == ["red", "blue", "green"]
     # Case, spacing and a trailing period are forgiven; anything outside the grammar is named.
-    assert parse_caption("  A Small RED circle   on the left.") == parse_caption("a small red circle on the left")
+    assert (parse_caption("  A Small RED circle   on the left.")
+            == parse_caption("a small red circle on the left"))
     for bad in ("a purple elephant on the left", "a small red circle", "two red circles", ""):
         with pytest.raises(ValueError, match="not in the shapes grammar"):
             parse_caption(bad)
@@ -58,9 +59,11 @@ def test_scoring_rules_on_hand_built_predictions():
     captions = ["a small red circle on the left", "a large blue square above a small green triangle",
                 "a small red circle, a large blue square and a small green triangle"]
     target = np.stack([parse_caption(c).labels() for c in captions])
-    assert target.shape == (3, NUM_LABELS) and [h[0] for h in HEADS][:4] == ["layout", "colour0", "shape0", "size0"]
+    assert (target.shape == (3, NUM_LABELS)
+            and [h[0] for h in HEADS][:4] == ["layout", "colour0", "shape0", "size0"])
     perfect = score_labels(target.copy(), target)
-    assert perfect["caption_accuracy"] == 1 and perfect["by_objects"]["3"] == {"n": 1, "caption_accuracy": 1.0}
+    assert (perfect["caption_accuracy"] == 1
+            and perfect["by_objects"]["3"] == {"n": 1, "caption_accuracy": 1.0})
 
     pred = target.copy()
     pred[0, 4] = 0  # slot 1 of a one-object caption: not scored, the layout says one object
@@ -102,7 +105,8 @@ def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path
     uri = str(tmp_path / "clf")
     model, meta, trained = ensure_classifier(spec, uri)
     assert trained and set(meta["accuracy"]) == {"real", "real_2x"} and meta["spec"]["width"] == 4
-    assert {p.name for p in tmp_path.joinpath("clf").iterdir()} == {"classifier.safetensors", "classifier.json"}
+    assert ({p.name for p in tmp_path.joinpath("clf").iterdir()}
+            == {"classifier.safetensors", "classifier.json"})
     images, labels = render_scenes(8, seed=5, image_size=32, double_fraction=0.5)
     assert images.shape == (8, 32, 32, 3) and labels.shape == (8, NUM_LABELS)
     predicted = model.predict(images)
@@ -141,7 +145,8 @@ def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
         (root / rel).write_bytes(write_tar(samples))
         splits[split] = {"num_samples": n, "shards": [{"path": rel, "num_samples": n}]}
     manifest = {"kind": "tessera.prepared_dataset", "format_version": 1, "generation": gen,
-                "source": {"kind": "shapes", "uri": None}, "resolution": 32, "image_format": "png", "splits": splits,
+                "source": {"kind": "shapes", "uri": None}, "resolution": 32, "image_format": "png",
+                "splits": splits,
                 "shapes": {"held_out": sorted(f"{c} {s}" for c, s in shapes.DEFAULT_HELD_OUT)}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return str(root)
@@ -168,10 +173,13 @@ def test_evaluate_job_on_a_tiny_bundle_writes_the_report(tmp_path, ray_cluster):
     run = tmp_path / "run"
     (run / "dvae").mkdir(parents=True)
     (run / "dvae" / "history.json").write_text(json.dumps(
-        {"stage": "dvae", "rows": [{"step": s, "loss": 1 / s, "val_psnr": 10 + s / 10} for s in (10, 20, 30)]}))
-    cfg = load_config("debug", [f"run.root_uri={run}", f"data.output_uri={data}", f"evaluate.bundle_uri={bundle}",
-                                "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=3",
-                                "evaluate.actors.num_actors=1", "evaluate.actors.batch_size=4", "evaluate.grid_captions=3",
+        {"stage": "dvae", "rows": [{"step": s, "loss": 1 / s, "val_psnr": 10 + s / 10}
+                                   for s in (10, 20, 30)]}))
+    cfg = load_config("debug", [f"run.root_uri={run}", f"data.output_uri={data}",
+                                f"evaluate.bundle_uri={bundle}", "evaluate.num_captions=6",
+                                "evaluate.num_heldout=4", "evaluate.sampling.candidates=3",
+                                "evaluate.actors.num_actors=1", "evaluate.actors.batch_size=4",
+                                "evaluate.grid_captions=3",
                                 "evaluate.recon_images=8", "evaluate.prior_val_rows=8",
                                 "evaluate.classifier.width=4", "evaluate.classifier.steps=2",
                                 "evaluate.classifier.train_samples=32", "evaluate.classifier.test_samples=16",

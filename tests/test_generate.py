@@ -97,21 +97,26 @@ def test_generate_job_writes_pngs_and_manifest_to_s3(tmp_path, bundle_uri, ray_c
     s3_client.put_object(Bucket=bucket, Key="in/captions.txt", Body=captions.encode())
     out = f"s3://{bucket}/images"
     cfg = load_config("debug", [f"run.root_uri={tmp_path}", f"generate.bundle_uri={bundle_uri}",
-                                f"generate.captions_uri=s3://{bucket}/in/captions.txt", f"generate.output_uri={out}",
-                                "generate.n=2", "generate.sampling.candidates=3", "generate.max_caption_chars=200",
-                                "generate.actors.num_actors=1", "generate.actors.batch_size=2", "generate.sampling.seed=7"])
+                                f"generate.captions_uri=s3://{bucket}/in/captions.txt",
+                                f"generate.output_uri={out}", "generate.n=2",
+                                "generate.sampling.candidates=3", "generate.max_caption_chars=200",
+                                "generate.actors.num_actors=1", "generate.actors.batch_size=2",
+                                "generate.sampling.seed=7"])
     job = _generate_job()
     assert job.main(cfg) == 0
     manifest = storage.read_json(f"{out}/manifest.json")
     assert manifest["kind"] == "tessera.generated_images" and manifest["images"] == 6
     assert manifest["captions"]["used"] == 3 and manifest["captions"]["lines"] == 5
     assert manifest["captions"]["skipped"] == {"empty": 1, "too_long": 1, "not_utf8": 0, "bad_record": 0}
-    index = [json.loads(line) for line in storage.read_bytes(f"{out}/{manifest['index']}").decode().splitlines()]
+    index = [json.loads(line)
+             for line in storage.read_bytes(f"{out}/{manifest['index']}").decode().splitlines()]
     assert [(r["index"], r["rank"]) for r in index] == [(0, 0), (0, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
-    assert all(r["seed"] == {0: caption_seed(7, 0), 3: caption_seed(7, 3), 4: caption_seed(7, 4)}[r["index"]] for r in index)
+    assert all(r["seed"] == {0: caption_seed(7, 0), 3: caption_seed(7, 3), 4: caption_seed(7, 4)}[r["index"]]
+               for r in index)
     assert all(r["score"] is not None for r in index) and index[0]["score"] >= index[1]["score"]
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="images/")["Contents"]}
-    assert {f"images/{r['file']}" for r in index} <= keys and f"images/{manifest['generation']}/images/00000003-1.png" in keys
+    assert ({f"images/{r['file']}" for r in index} <= keys
+            and f"images/{manifest['generation']}/images/00000003-1.png" in keys)
     from io import BytesIO
 
     from PIL import Image
@@ -123,7 +128,9 @@ def test_generate_job_writes_pngs_and_manifest_to_s3(tmp_path, bundle_uri, ray_c
     assert job.main(cfg) == 0
     second = storage.read_json(f"{out}/manifest.json")
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="images/")["Contents"]}
-    assert second["generation"] != manifest["generation"] and not any(manifest["generation"] in k for k in keys)
+    assert (second["generation"] != manifest["generation"]
+            and not any(manifest["generation"] in k for k in keys))
     s3_client.put_object(Bucket=bucket, Key="in/empty.txt", Body=b"\n\n")
-    bad = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"captions_uri": f"s3://{bucket}/in/empty.txt"})})
+    bad = cfg.model_copy(update={"generate": cfg.generate.model_copy(
+        update={"captions_uri": f"s3://{bucket}/in/empty.txt"})})
     assert job.main(bad) == 2

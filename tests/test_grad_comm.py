@@ -87,8 +87,8 @@ def test_powersgd_and_zeropp_two_nodes_of_two_ranks(ray_cluster, tmp_path):
 
     # ZeRO++ hierarchical partitioning (the part that runs on CPU): the same computation, with the
     # parameter gathers served by each node's secondary copy.
-    hpz = run(tmp_path, "zeropp", ["prior.grad_comm.method=zeropp", "prior.steps=3", "prior.checkpoint_every=3",
-                                   "prior.eval_every=3"])
+    hpz = run(tmp_path, "zeropp", ["prior.grad_comm.method=zeropp", "prior.steps=3",
+                                   "prior.checkpoint_every=3", "prior.eval_every=3"])
     assert all(m["replicas_identical"] for m in reports(hpz))
     for step, loss in losses(hpz).items():
         assert loss == pytest.approx(losses(none)[step], rel=1e-5), step

@@ -25,7 +25,8 @@ LAUNCHER_YAMLS = sorted((INFRA / "cluster").glob("*.yaml"))
 KUBERAY_YAMLS = sorted((INFRA / "kuberay").glob("*.yaml"))
 DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile*"))
 # The pipeline's stages, one RayJob each (jobs/ has other entrypoints too, e.g. local helpers).
-TRAINING_JOBS = ["encode.py", "export.py", "prepare.py", "train_dvae.py", "train_prior.py", "train_reranker.py"]
+TRAINING_JOBS = ["encode.py", "export.py", "prepare.py", "train_dvae.py", "train_prior.py",
+                 "train_reranker.py"]
 # What an image reference of ours looks like: <registry>/tessera:<ray version>-<gpu|cpu>.
 IMAGE = re.compile(r"/tessera:(?P<ray>[0-9.]+)-(?P<kind>gpu|cpu)$")
 
@@ -98,7 +99,8 @@ def test_launcher_images_and_auth(path):
         assert m and m["ray"] == ray.__version__, image
         kinds.add(m["kind"])
     assert kinds == {"gpu", "cpu"}
-    assert IMAGE.search(docker["image"])["kind"] == "gpu" and IMAGE.search(docker["head_image"])["kind"] == "cpu"
+    assert (IMAGE.search(docker["image"])["kind"] == "gpu"
+            and IMAGE.search(docker["head_image"])["kind"] == "cpu")
     assert IMAGE.search(raw["available_node_types"]["cpu_worker"]["docker"]["worker_image"])["kind"] == "cpu"
     # Token authentication in every container, with the token from a file written at node start.
     options = " ".join(docker["run_options"])
@@ -112,7 +114,8 @@ def test_aws_nodes_run_under_instance_profiles():
     raw = yaml.safe_load((INFRA / "cluster/aws.yaml").read_text())
     for name, node_type in raw["available_node_types"].items():
         profile = node_type["node_config"]["IamInstanceProfile"]
-        assert profile["Name"] == ("tessera-ray-head" if name == raw["head_node_type"] else "tessera-ray-worker")
+        assert profile["Name"] == ("tessera-ray-head" if name == raw["head_node_type"]
+                                   else "tessera-ray-worker")
     for policy in (INFRA / "cluster/iam").glob("*.json"):
         yaml.safe_load(policy.read_text())  # JSON is YAML: at least well-formed
 
@@ -124,7 +127,8 @@ def test_gcp_workers_run_as_a_service_account():
             continue  # the launcher gives the head its own service account
         (account,) = node_type["node_config"]["serviceAccounts"]
         assert account["email"].startswith("tessera-ray-worker@")
-    assert raw["available_node_types"]["gpu_worker"]["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert (raw["available_node_types"]["gpu_worker"]["node_config"]["scheduling"]["onHostMaintenance"]
+            == "TERMINATE")
 
 
 def test_no_credentials_in_deployment_files():

@@ -106,7 +106,8 @@ def ray_head():
            f"--runtime-env-agent-port={env_agent}", "--min-worker-port=0", "--max-worker-port=0",
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     log = open(temp_dir / "head.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
@@ -164,7 +165,8 @@ def test_prepare_job_submitted_with_working_dir(ray_head, tmp_path):
     assert manifest["input_samples"] == 220 and manifest["kept_samples"] == 220
     splits = manifest["splits"]
     assert splits["heldout"]["num_samples"] == 20
-    assert splits["train"]["num_samples"] + splits["val"]["num_samples"] == 200 and splits["val"]["num_samples"] > 0
+    assert (splits["train"]["num_samples"] + splits["val"]["num_samples"] == 200
+            and splits["val"]["num_samples"] > 0)
     for info in splits.values():
         assert sum(s["num_samples"] for s in info["shards"]) == info["num_samples"]
         assert all((data / s["path"]).is_file() for s in info["shards"])
@@ -188,7 +190,8 @@ def test_jobs_run_with_the_heads_python(ray_head):
 
     url, env, _ = ray_head
     client = _client(url, env)
-    job_id = client.submit_job(entrypoint="python -c 'import sys, ray; print(\"EXE\", sys.executable, ray.__version__)'")
+    job_id = client.submit_job(
+        entrypoint="python -c 'import sys, ray; print(\"EXE\", sys.executable, ray.__version__)'")
     deadline = time.monotonic() + 120
     while (status := client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, f"job {job_id} still {status}"

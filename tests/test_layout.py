@@ -109,7 +109,8 @@ def import_violations(sources: Iterable[tuple[str, str | None, str]], layers=LAY
                 continue
             theirs = layer_of(target, layers)
             if theirs is None:
-                out.append(f"{path}:{line}: `{text}` imports unmapped module {target}, add it to the layer map")
+                out.append(f"{path}:{line}: `{text}` imports unmapped module {target}, "
+                           "add it to the layer map")
             elif theirs > own:
                 out.append(f"{path}:{line}: `{text}` — {own_name} (layer {own} {layers[own][0]}) imports "
                            f"{target} (layer {theirs} {layers[theirs][0]})")
@@ -162,7 +163,8 @@ def test_standard_platform_module_still_imports():
     assert hasattr(mod, "system") and callable(mod.python_version)
     assert "site-packages" not in (mod.__file__ or "") and not Path(mod.__file__).is_relative_to(ROOT)
     # And in a fresh interpreter that imports tessera, numpy and ray's dependencies first.
-    out = subprocess.run([sys.executable, "-c", "import tessera, numpy, pyarrow, platform; print(platform.system())"],
+    out = subprocess.run([sys.executable, "-c",
+                          "import tessera, numpy, pyarrow, platform; print(platform.system())"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip()
 
@@ -194,8 +196,8 @@ def test_layer_checker_reports_what_it_should():
     assert found == [
         "platform/tessera/data/x.py:6: `from tessera.training import ray_io` — tessera.data.x (layer 1 data) "
         "imports tessera.training.ray_io (layer 4 training)",
-        "platform/tessera/models/y.py:1: `from ..inference import encode` — tessera.models.y (layer 2 models) "
-        "imports tessera.inference.encode (layer 5 inference)",
+        "platform/tessera/models/y.py:1: `from ..inference import encode` — tessera.models.y "
+        "(layer 2 models) imports tessera.inference.encode (layer 5 inference)",
         "platform/tessera/models/y.py:2: `import tessera.sampling.sampler as s` — tessera.models.y "
         "(layer 2 models) imports tessera.sampling.sampler (layer 3 artifacts/sampling)",
         "platform/tessera/brand_new.py: unmapped module tessera.brand_new, add it to the layer map",

@@ -28,7 +28,8 @@ def _consume(config: dict):
         for batch in iter_training_batches(shard, cfg.loader, epoch=epoch):
             img, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
             assert img.dtype == torch.uint8 and img.shape[1:] == (32, 32, 3)
-            assert ids.dtype == torch.int32 and ids.shape[1] == cfg.loader.text_len and mask.dtype == torch.bool
+            assert (ids.dtype == torch.int32 and ids.shape[1] == cfg.loader.text_len
+                    and mask.dtype == torch.bool)
             assert bool(mask[:, 0].all()) and bool((ids[~mask] == 0).all())
             assert img.float().std() > 1  # real pictures, not blank buffers
             ids_this_epoch += batch["sample_id"].tolist()
@@ -48,7 +49,8 @@ def prepared(ray_cluster, tmp_path_factory):
     cfg = load_config("debug", [f"run.root_uri={root}", "data.source.shapes.num_samples=700",
                                 "data.source.shapes.num_heldout=0", "data.source.shapes.image_size=32",
                                 "data.resolution=32", "data.samples_per_shard=100", "loader.batch_size=32",
-                                "loader.local_shuffle_buffer=64", "ray.data_cpu_limit=1", "data.val_fraction=0.1"])
+                                "loader.local_shuffle_buffer=64", "ray.data_cpu_limit=1",
+                                "data.val_fraction=0.1"])
     return cfg, run_prepare(cfg)
 
 
@@ -62,7 +64,8 @@ def test_validation_split_without_shuffle_gives_writable_tensors(prepared):
     ds = build_training_dataset(cfg, split="val")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when handed a read-only array
-        runs = [[int(i) for b in iter_training_batches(ds.iterator(), cfg.loader) for i in b["sample_id"]] for _ in range(2)]
+        runs = [[int(i) for b in iter_training_batches(ds.iterator(), cfg.loader) for i in b["sample_id"]]
+                for _ in range(2)]
         batch = next(iter(iter_training_batches(ds.iterator(), cfg.loader)))
         batch["image"].add_(1)  # in place: must be our own copy
     assert len(runs[0]) == len(set(runs[0])) == manifest["splits"]["val"]["num_samples"] > 0

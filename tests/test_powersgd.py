@@ -197,9 +197,11 @@ def test_grad_comm_config_and_deepspeed_keys():
                                 "prior.grad_comm.ranks_per_node=2"])
     assert cfg.prior.grad_comm.zeropp.hierarchical_partitioning
     with pytest.raises(ConfigError, match="quantized_gradients needs use_gpu: true.*CUDA-only"):
-        load_config("debug", ["prior.grad_comm.method=zeropp", "prior.grad_comm.zeropp.quantized_gradients=true"])
+        load_config("debug", ["prior.grad_comm.method=zeropp",
+                              "prior.grad_comm.zeropp.quantized_gradients=true"])
     with pytest.raises(ConfigError, match="quantized_weights needs use_gpu: true"):
-        load_config("debug", ["prior.grad_comm.method=zeropp", "prior.grad_comm.zeropp.quantized_weights=true"])
+        load_config("debug", ["prior.grad_comm.method=zeropp",
+                              "prior.grad_comm.zeropp.quantized_weights=true"])
     gpu = load_config("debug", ["prior.grad_comm.method=zeropp", "prior.use_gpu=true",
                                 "prior.grad_comm.zeropp.quantized_weights=true",
                                 "prior.grad_comm.zeropp.quantized_gradients=true"])
@@ -211,11 +213,13 @@ def test_grad_comm_config_and_deepspeed_keys():
     with pytest.raises(ConfigError, match="method"):
         load_config("debug", ["prior.grad_comm.method=onebit"])
 
-    ds = build_deepspeed_config(micro_batch=2, grad_accum=1, world_size=16, zero_stage=3, hpz_partition_size=8,
-                                quantized_weights=True, quantized_gradients=True)
+    ds = build_deepspeed_config(micro_batch=2, grad_accum=1, world_size=16, zero_stage=3,
+                                hpz_partition_size=8, quantized_weights=True, quantized_gradients=True)
     z = ds["zero_optimization"]
-    assert (z["zero_hpz_partition_size"], z["zero_quantized_weights"], z["zero_quantized_gradients"]) == (8, True, True)
+    assert (z["zero_hpz_partition_size"], z["zero_quantized_weights"],
+            z["zero_quantized_gradients"]) == (8, True, True)
     plain = build_deepspeed_config(micro_batch=2, grad_accum=1, world_size=16, zero_stage=3)
     assert "zero_quantized_weights" not in plain["zero_optimization"]
     with pytest.raises(ValueError, match="need zero_stage 3"):
-        build_deepspeed_config(micro_batch=2, grad_accum=1, world_size=2, zero_stage=2, quantized_gradients=True)
+        build_deepspeed_config(micro_batch=2, grad_accum=1, world_size=2, zero_stage=2,
+                               quantized_gradients=True)

@@ -58,7 +58,8 @@ def check_prepared(data_uri: str, manifest: dict, good: set[str], expected: dict
 
 def corpus_config(source_uri: str, out_uri: str, kind: str, *extra: str):
     return load_config("debug", [f"data.source.kind={kind}", f"data.source.uri={source_uri}",
-                                 f"data.output_uri={out_uri}", "data.resolution=32", "data.samples_per_shard=7",
+                                 f"data.output_uri={out_uri}", "data.resolution=32",
+                                 "data.samples_per_shard=7",
                                  "data.val_fraction=0.2", "data.max_image_pixels=4000000",
                                  "tokenizer.vocab_size=300", "tokenizer.min_frequency=1", *extra])
 
@@ -122,8 +123,8 @@ def test_shapes_heldout_never_in_training(ray_cluster, tmp_path):
     from tessera.data.shapes import DEFAULT_HELD_OUT
 
     cfg = load_config("debug", [f"run.root_uri={tmp_path}", "data.source.shapes.num_samples=600",
-                                "data.source.shapes.num_heldout=60", "data.resolution=32", "data.samples_per_shard=128",
-                                "data.source.shapes.image_size=32"])
+                                "data.source.shapes.num_heldout=60", "data.resolution=32",
+                                "data.samples_per_shard=128", "data.source.shapes.image_size=32"])
     manifest = run_prepare(cfg)
     out = read_output(cfg.paths.data, manifest)
     assert len(out["heldout"]) == 60 and len(out["train"]) + len(out["val"]) == 600

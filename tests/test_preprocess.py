@@ -19,7 +19,8 @@ def raw_table(samples):
     rows = {n: [] for n in RAW_SCHEMA.names}
     for i, (key, files) in enumerate(samples):
         img = next((files[e] for e in ("jpg", "png", "webp", "gif") if e in files), None)
-        for n, v in dict(key=key, order=i, image=img, caption=files.get("txt"), meta=None, split=None, reason=None).items():
+        for n, v in dict(key=key, order=i, image=img, caption=files.get("txt"), meta=None, split=None,
+                         reason=None).items():
             rows[n].append(v)
     return pa.table(rows, schema=RAW_SCHEMA)
 
@@ -96,8 +97,8 @@ def test_tar_reader_splits_repeated_keys_and_writer_is_deterministic():
         assert tf.getnames()[0] == f"{s[0][0]}.jpg"
 
 
-@pytest.mark.parametrize("blocks, per_shard", [([3, 0, 4], 5), ([1000] * 7, 1000), ([999, 2, 1], 10), ([0, 0], 3),
-                                               ([17] * 88, 64)])
+@pytest.mark.parametrize("blocks, per_shard", [([3, 0, 4], 5), ([1000] * 7, 1000), ([999, 2, 1], 10),
+                                               ([0, 0], 3), ([17] * 88, 64)])
 def test_plan_shards_exact_sizes_in_order(blocks, per_shard):
     shards = plan.plan_shards(blocks, per_shard)
     sizes = [sum(s.stop - s.start for s in sh) for sh in shards]

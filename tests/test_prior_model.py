@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from tessera.models.prior import NAMED_SHAPES, Prior, PriorShape, drop_captions, masked_cross_entropy
 
-TINY = PriorShape(text_vocab=50, image_vocab=12, text_len=6, grid=3, dim=32, depth=2, heads=4, attention="full")
+TINY = PriorShape(text_vocab=50, image_vocab=12, text_len=6, grid=3, dim=32, depth=2, heads=4,
+                  attention="full")
 
 
 def _batch(shape, B=3, seed=0):
@@ -94,7 +95,8 @@ def test_masked_cross_entropy_ignores_masked_positions_and_handles_none():
     logits = torch.randn(2, 3, 5)
     targets = torch.tensor([[1, 2, 3], [4, 0, 0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    want = torch.stack([F.cross_entropy(logits[0, 0], targets[0, 0]), F.cross_entropy(logits[0, 1], targets[0, 1]),
+    want = torch.stack([F.cross_entropy(logits[0, 0], targets[0, 0]),
+                        F.cross_entropy(logits[0, 1], targets[0, 1]),
                         F.cross_entropy(logits[1, 0], targets[1, 0])]).mean()
     torch.testing.assert_close(masked_cross_entropy(logits, targets, mask), want)
     assert float(masked_cross_entropy(logits, targets, torch.zeros_like(mask))) == 0.0

@@ -10,7 +10,8 @@ import torch
 
 from tessera.models.prior import Prior, PriorShape
 
-SHAPE = PriorShape(text_vocab=30, image_vocab=16, text_len=5, grid=3, dim=32, depth=3, heads=4, attention="sparse")
+SHAPE = PriorShape(text_vocab=30, image_vocab=16, text_len=5, grid=3, dim=32, depth=3, heads=4,
+                   attention="sparse")
 
 
 def _batch():
@@ -79,7 +80,8 @@ def test_scaled_updates_match_unscaled_ones_and_an_overflow_skips_the_update(zer
     scales_before = scaler.scales.clone()
     handle = scaled.module.blocks[2].register_forward_pre_hook(
         lambda m, args: args[0].register_hook(lambda g: torch.full_like(g, float("inf"))) and None)
-    state_before = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in opt.state.items()}
+    state_before = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+                    for k, v in opt.state.items()}
     loss = scaled(ids, mask, image)["loss"]
     scaled.backward(scaler.scale_loss(loss))
     handle.remove()
@@ -97,4 +99,5 @@ def test_scaled_updates_match_unscaled_ones_and_an_overflow_skips_the_update(zer
             if torch.is_tensor(t):
                 assert torch.equal(t, state_before[k][n])
     ratio = (scales_before / scaler.scales).tolist()
-    assert ratio[3] == pytest.approx(2**0.5) and all(r == pytest.approx(1.0) for i, r in enumerate(ratio) if i != 3)
+    assert (ratio[3] == pytest.approx(2**0.5)
+            and all(r == pytest.approx(1.0) for i, r in enumerate(ratio) if i != 3))

@@ -49,12 +49,14 @@ def test_padding_is_invisible_to_the_text_tower():
     ids, mask = captions(6)
     with torch.no_grad():
         ref = model.encode_text(ids, mask)
-        garbage = torch.where(mask, ids, torch.randint(1, TINY.text_vocab, ids.shape))  # other ids under padding
+        # other ids under padding
+        garbage = torch.where(mask, ids, torch.randint(1, TINY.text_vocab, ids.shape))
         assert torch.allclose(model.encode_text(garbage, mask), ref, atol=1e-6)
         # Each caption alone (its batch no longer padded to the longest caption) embeds the same.
         for k in range(len(ids)):
             n = int(mask[k].sum())
-            assert torch.allclose(model.encode_text(ids[k:k + 1, :n], mask[k:k + 1, :n]), ref[k:k + 1], atol=1e-5)
+            assert torch.allclose(model.encode_text(ids[k:k + 1, :n], mask[k:k + 1, :n]), ref[k:k + 1],
+                                  atol=1e-5)
         empty = model.encode_text(ids[:1], torch.zeros_like(mask[:1]))
     assert torch.isfinite(empty).all()
 
@@ -119,7 +121,8 @@ def test_retrieval_accuracy_counts_instances_and_captions():
 
 
 def _checkpoint_with(model: Reranker, path: Path, *, step: int, retrieval: dict | None = None) -> str:
-    """A checkpoint folder as the loop writes one when it keeps a parameter EMA (no DeepSpeed shards needed)."""
+    """A checkpoint folder as the loop writes one when it keeps a parameter EMA (no DeepSpeed
+    shards needed)."""
     from safetensors.torch import save_file
 
     from tessera.training.checkpoint import EMA_FILE, STATE_FILE
@@ -137,7 +140,8 @@ def test_export_and_load_give_identical_scores(tmp_path):
 
     torch.manual_seed(0)
     model = Reranker(TINY).eval()
-    ckpt = _checkpoint_with(model, tmp_path / "ckpt", step=7, retrieval={"val_pairs": 16, "val_t2i_top1": 0.5})
+    ckpt = _checkpoint_with(model, tmp_path / "ckpt", step=7,
+                            retrieval={"val_pairs": 16, "val_t2i_top1": 0.5})
     meta = export_checkpoint("reranker", ckpt, str(tmp_path / "export"))
     assert meta["kind"] == artifacts.PARTS["reranker"].kind and meta["step"] == 7 and meta["weights"] == "ema"
     assert meta["retrieval"]["val_t2i_top1"] == 0.5
@@ -154,7 +158,8 @@ def test_load_refuses_another_kind_of_export(tmp_path):
     from tessera import artifacts
     from tessera.training.checkpoint import export_checkpoint
 
-    export_checkpoint("reranker", _checkpoint_with(Reranker(TINY), tmp_path / "ckpt", step=1), str(tmp_path / "export"))
+    export_checkpoint("reranker", _checkpoint_with(Reranker(TINY), tmp_path / "ckpt", step=1),
+                      str(tmp_path / "export"))
     meta_path = tmp_path / "export" / artifacts.PARTS["reranker"].meta
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(meta | {"kind": "tessera.prior"}))
@@ -170,7 +175,8 @@ def test_shape_and_config_errors_name_their_field(tmp_path):
     manifest = {"tokenizer": {"vocab_size": 300}}
     cfg = load_config("debug", [f"run.root_uri={tmp_path}"])
     shape = reranker_shape(cfg, manifest)
-    assert (shape.text_vocab, shape.text_len, shape.image_size) == (300, cfg.loader.text_len, 32)  # the debug dVAE's size
+    # the debug dVAE's size
+    assert (shape.text_vocab, shape.text_len, shape.image_size) == (300, cfg.loader.text_len, 32)
     assert cfg.paths.reranker == f"{tmp_path}/reranker"
     with pytest.raises(ValueError, match="reranker.image_size=36"):
         reranker_shape(load_config("debug", ["reranker.image_size=36"]), manifest)
@@ -195,8 +201,8 @@ def test_train_reranker_job_through_ray_train_checkpoints_and_exports(ray_cluste
                                 "data.resolution=32", "data.samples_per_shard=60", "data.val_fraction=0.1",
                                 "ray.data_cpu_limit=1", "loader.local_shuffle_buffer=32",
                                 "reranker.steps=4", "reranker.micro_batch=8", "reranker.warmup_steps=1",
-                                "reranker.report_every=2", "reranker.checkpoint_every=2", "reranker.eval_every=4",
-                                "reranker.val_pairs=16"])
+                                "reranker.report_every=2", "reranker.checkpoint_every=2",
+                                "reranker.eval_every=4", "reranker.val_pairs=16"])
     manifest = run_prepare(cfg)
     result = fit(cfg, "reranker")
     m = result.metrics

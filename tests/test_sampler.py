@@ -4,7 +4,8 @@ import torch
 from tessera.models.prior import Prior, PriorShape
 from tessera.sampling.sampler import filter_logits, sample_image_tokens
 
-TINY = PriorShape(text_vocab=40, image_vocab=10, text_len=5, grid=3, dim=32, depth=2, heads=4, attention="sparse")
+TINY = PriorShape(text_vocab=40, image_vocab=10, text_len=5, grid=3, dim=32, depth=2, heads=4,
+                  attention="sparse")
 
 
 def _caption(B=2):
@@ -24,7 +25,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
-    assert torch.isfinite(filter_logits(logits[:, [3, 1, 0, 2]], top_p=0.8)).tolist() == [[False, True, True, False]]
+    assert (torch.isfinite(filter_logits(logits[:, [3, 1, 0, 2]], top_p=0.8)).tolist()
+            == [[False, True, True, False]])
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(logits, top_p=0.0)
 
@@ -66,8 +68,10 @@ def test_cached_and_uncached_sampling_draw_the_same_tokens(attention):
     prior = Prior(shape).eval()
     ids, mask = _caption()
     for kwargs in ({"seed": 5}, {"seed": 7, "top_k": 4, "top_p": 0.9, "temperature": 0.8},
-                   {"seed": 1, "guidance_scale": [3.0, 1.0]}, {"seed": [4, 5, 6, 7, 8, 9], "samples_per_prompt": 3},
-                   {"seed": 2, "prime": _prime(prior, ids, mask, 6), "guidance_scale": 2.0, "samples_per_prompt": 2}):
+                   {"seed": 1, "guidance_scale": [3.0, 1.0]},
+                   {"seed": [4, 5, 6, 7, 8, 9], "samples_per_prompt": 3},
+                   {"seed": 2, "prime": _prime(prior, ids, mask, 6), "guidance_scale": 2.0,
+                    "samples_per_prompt": 2}):
         cached = sample_image_tokens(prior, ids, mask, **kwargs)
         uncached = sample_image_tokens(prior, ids, mask, use_cache=False, **kwargs)
         assert torch.equal(cached, uncached), kwargs
@@ -75,7 +79,8 @@ def test_cached_and_uncached_sampling_draw_the_same_tokens(attention):
 
 def test_cached_logits_match_the_full_forward_at_every_position():
     torch.manual_seed(3)
-    shape = PriorShape(text_vocab=40, image_vocab=10, text_len=5, grid=4, dim=32, depth=4, heads=4, attention="sparse")
+    shape = PriorShape(text_vocab=40, image_vocab=10, text_len=5, grid=4, dim=32, depth=4, heads=4,
+                       attention="sparse")
     prior = Prior(shape).eval()
     ids, mask = _caption()
     image = torch.randint(0, 10, (2, 16))
@@ -120,5 +125,6 @@ def test_guidance_moves_samples_towards_the_caption():
     assert torch.equal(plain, sample_image_tokens(prior, ids, mask, seed=3, guidance_scale=1.0))
     greedy_guided = sample_image_tokens(prior, ids, mask, temperature=0, guidance_scale=50.0)
     cond = prior.next_image_logits(ids, mask, torch.zeros(2, 0, dtype=torch.long))
-    uncond = prior.next_image_logits(torch.zeros_like(ids), torch.zeros_like(mask), torch.zeros(2, 0, dtype=torch.long))
+    uncond = prior.next_image_logits(torch.zeros_like(ids), torch.zeros_like(mask),
+                                     torch.zeros(2, 0, dtype=torch.long))
     assert torch.equal(greedy_guided.flatten(1)[:, 0], (cond + 49 * (cond - uncond)).argmax(-1))

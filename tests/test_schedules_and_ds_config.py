@@ -43,12 +43,15 @@ def test_deepspeed_batch_identity_and_stage(stage, world, micro, accum):
 
 
 def test_deepspeed_precision_and_zeropp_keys():
-    assert build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, zero_stage=2, precision="bf16")["bf16"] == {"enabled": True}
-    fp16 = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, zero_stage=2, precision="fp16")["fp16"]
+    assert build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, zero_stage=2,
+                                  precision="bf16")["bf16"] == {"enabled": True}
+    fp16 = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, zero_stage=2,
+                                  precision="fp16")["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
     fp32 = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, zero_stage=2, grad_clip=None)
     assert "bf16" not in fp32 and "fp16" not in fp32 and "gradient_clipping" not in fp32
-    hpz = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=16, zero_stage=3, hpz_partition_size=8)
+    hpz = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=16, zero_stage=3,
+                                 hpz_partition_size=8)
     assert hpz["zero_optimization"]["zero_hpz_partition_size"] == 8
     with pytest.raises(ValueError, match="needs zero_stage 3"):
         build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=16, zero_stage=2, hpz_partition_size=8)

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 ARG_KEY, ENV_KEY = "arg-key-1", "env-key-2"
 MAX_BODY = 16384
-TIMEOUT_S = 1.5  # request_timeout_s: several times a light request (~0.1-0.4 s), below 3 heavy ones (~0.8 s each)
+# request_timeout_s: several times a light request (~0.1-0.4 s), below 3 heavy ones (~0.8 s each)
+TIMEOUT_S = 1.5
 MAX_CANDIDATES_OVERLOAD = 512  # the overload test scales its heavy request up to this many draws
 
 
@@ -48,10 +49,12 @@ class Served:
         return requests.post(f"{self.base}/v1/images/generations", data=data, headers=h, timeout=timeout)
 
 
-def assert_error(r: requests.Response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(r: requests.Response, status: int, *, param: str | None = None,
+                 code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+    assert (set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+            and err["message"])
     assert isinstance(err["type"], str)
     if param is not None:
         assert err["param"] == param, err
@@ -103,7 +106,8 @@ def app(ray_cluster, tmp_path_factory):
 
 def test_b64_json_returns_n_pngs_of_the_model_resolution(app):
     before = int(time.time())
-    r = app.post({"prompt": "a small red circle", "n": 3, "seed": 1, "size": f"{app.resolution}x{app.resolution}",
+    r = app.post({"prompt": "a small red circle", "n": 3, "seed": 1,
+                  "size": f"{app.resolution}x{app.resolution}",
                   "model": app.name, "user": "tester", "quality": "standard", "style": "natural"})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -175,7 +179,8 @@ def test_api_keys(app):
     assert app.post(body, key=ARG_KEY).status_code == 200
     assert app.post(body, key=ENV_KEY).status_code == 200  # from $TESSERA_API_KEYS
     assert_error(requests.get(f"{app.base}/v1/models", timeout=30), 401)
-    models = requests.get(f"{app.base}/v1/models", headers={"Authorization": f"Bearer {ARG_KEY}"}, timeout=30).json()
+    models = requests.get(f"{app.base}/v1/models", headers={"Authorization": f"Bearer {ARG_KEY}"},
+                          timeout=30).json()
     assert models["object"] == "list"
     assert models["data"] == [{"id": app.name, "object": "model", "created": models["data"][0]["created"],
                                "owned_by": "tessera"}]
@@ -191,12 +196,15 @@ def test_error_statuses_and_shapes(app):
     assert_error(app.post({"prompt": "a", "model": "dall-e-2"}), 404, param="model", code="model_not_found")
     assert_error(requests.get(f"{app.base}/v1/nothing-here", timeout=30), 404)
     assert_error(requests.get(f"{app.base}/v1/images/generations", timeout=30), 405)
-    assert_error(app.post(None, raw=b"prompt=a", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    assert_error(app.post(None, raw=b"prompt=a",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
     # Too large: by Content-Length, and for a chunked body with no length, while reading.
     big = json.dumps({"prompt": "a", "user": "x" * MAX_BODY}).encode()
     assert_error(app.post(None, raw=big), 413, code="request_too_large")
-    r = requests.post(f"{app.base}/v1/images/generations", data=(big[i:i + 1000] for i in range(0, len(big), 1000)),
-                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {ARG_KEY}"}, timeout=60)
+    r = requests.post(f"{app.base}/v1/images/generations",
+                      data=(big[i:i + 1000] for i in range(0, len(big), 1000)),
+                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {ARG_KEY}"},
+                      timeout=60)
     assert r.request.headers.get("Transfer-Encoding") == "chunked"
     assert_error(r, 413, code="request_too_large")
     if not app.has_reranker:
@@ -209,7 +217,8 @@ def test_web_page_is_self_contained_and_generates_in_a_browser(app, tmp_path):
     page = requests.get(f"{app.base}/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
-    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), "the page refers to an external URL"
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), (
+        "the page refers to an external URL")
     assert "<script src" not in html and "<link" not in html and "@import" not in html
 
     driver = _chromium(tmp_path)
@@ -242,7 +251,8 @@ def _chromium(tmp_path):
     except ImportError:
         missing.append("the selenium package (pip install -r requirements/dev.txt)")
     if missing:
-        pytest.skip(f"browser test needs {', '.join(missing)}; install with `apt-get install chromium chromium-driver`")
+        pytest.skip(f"browser test needs {', '.join(missing)}; "
+                    "install with `apt-get install chromium chromium-driver`")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -255,9 +265,9 @@ def _chromium(tmp_path):
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
 
-_FIELDS = ["prompt", "model", "n", "size", "response_format", "user", "quality", "style", "background", "stream",
-           "output_format", "output_compression", "partial_images", "seed", "temperature", "top_k", "top_p",
-           "guidance_scale", "candidates", "no_such_field", "", "n "]
+_FIELDS = ["prompt", "model", "n", "size", "response_format", "user", "quality", "style", "background",
+           "stream", "output_format", "output_compression", "partial_images", "seed", "temperature", "top_k",
+           "top_p", "guidance_scale", "candidates", "no_such_field", "", "n "]
 _values = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 20), st.sampled_from([2**31, 2**63, -(2**63), 10**30]),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
@@ -281,15 +291,16 @@ _bodies = st.one_of(
     st.binary(max_size=64),
     st.builds(lambda v: json.dumps(v, allow_nan=True).encode(), _values),
     st.sampled_from([b"[" * 100000, b"{" * 3000, b'{"prompt": "a"' + b" " * (MAX_BODY + 10) + b"}",
-                     b'{"prompt": "a"}' + b"\x00", b'\xef\xbb\xbf{"prompt": 1}', "{\"prompt\": \"\u00e9\"}".encode("latin-1")]),
+                     b'{"prompt": "a"}' + b"\x00", b'\xef\xbb\xbf{"prompt": 1}',
+                     "{\"prompt\": \"\u00e9\"}".encode("latin-1")]),
 )
 _content_types = st.sampled_from([None, "application/json", "application/json; charset=utf-8", "text/plain",
                                   "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""])
 _keys = st.sampled_from([ARG_KEY, ARG_KEY, ARG_KEY, None, "wrong", ""])
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=_bodies, content_type=_content_types, key=_keys)
 def test_malformed_requests_never_get_a_5xx(app, body, content_type, key):
     headers = {}

@@ -19,7 +19,8 @@ from serve.images import ImageStore
 from tessera.viz import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = Limits(model_name="m", resolution=32, has_reranker=True, max_prompt_chars=50, max_n=10, max_candidates=16)
+LIMITS = Limits(model_name="m", resolution=32, has_reranker=True, max_prompt_chars=50, max_n=10,
+                max_candidates=16)
 
 
 def test_config_yaml_is_a_valid_serve_deploy_config_with_valid_app_args():
@@ -78,7 +79,8 @@ def test_build_app_reads_the_bundle_manifest_and_names_a_missing_bundle(tmp_path
     from tessera.bundle import BundleError
 
     uri = make_bundle(tmp_path / "b")
-    assert isinstance(build_app({"bundle": uri, "max_replicas": 2, "public_url": "https://a.example/"}), Application)
+    assert isinstance(build_app({"bundle": uri, "max_replicas": 2, "public_url": "https://a.example/"}),
+                      Application)
     assert AppArgs(bundle="b", public_url="https://a.example/").public_url == "https://a.example"
     with pytest.raises(BundleError, match="no-such-bundle"):
         build_app({"bundle": str(tmp_path / "no-such-bundle")})

@@ -71,7 +71,8 @@ def test_s3_errors_name_the_uri(s3_server, bucket):
 def test_unreachable_endpoint_fails_fast(s3_server):
     from conftest import free_port
 
-    opts = StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=1, request_timeout_s=2)
+    opts = StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=1,
+                          request_timeout_s=2)
     with pytest.raises(StorageError, match="s3://some-bucket/x"):
         storage.require_inputs("s3://some-bucket/x", opts)
     with pytest.raises(StorageError, match="s3://some-bucket/out"):

@@ -21,7 +21,8 @@ def test_captions_are_padded_truncated_and_masked_and_tokens_kept_in_order():
     np.testing.assert_array_equal(out["text_ids"], [[5, 6, 7, 0], [0, 0, 0, 0], [1, 2, 3, 4], [9, 0, 0, 0]])
     np.testing.assert_array_equal(out["text_mask"], [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     np.testing.assert_array_equal(out["image_tokens"], np.arange(16).reshape(4, 4))
-    assert out["text_ids"].dtype == np.int32 and out["text_mask"].dtype == bool and out["image_tokens"].dtype == np.int16
+    assert (out["text_ids"].dtype == np.int32 and out["text_mask"].dtype == bool
+            and out["image_tokens"].dtype == np.int16)
 
 
 def test_a_sliced_multi_chunk_table_reads_its_own_rows():

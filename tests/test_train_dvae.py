@@ -36,7 +36,8 @@ class StepKeyedHooks(StepKeyedHooksBase):
             self.maybe_interrupt(step)
             mb = self.cfg.dvae.micro_batch
             first = (step * dist.world_size() + dist.rank()) * mb
-            images = [np.asarray(Image.open(io.BytesIO(render_sample(first + j, seed=1, image_size=32).image_png)))
+            images = [np.asarray(Image.open(io.BytesIO(render_sample(first + j, seed=1,
+                                                                     image_size=32).image_png)))
                       for j in range(mb)]
             yield {"image": torch.from_numpy(np.stack(images))}
             step += 1
@@ -48,8 +49,9 @@ class StepKeyedHooks(StepKeyedHooksBase):
 
         from tessera.data.shapes import render_sample
 
-        return torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(render_sample(10_000 + j, seed=2, image_size=32).image_png)))
-                                          for j in range(8)]))
+        return torch.from_numpy(np.stack([
+            np.asarray(Image.open(io.BytesIO(render_sample(10_000 + j, seed=2, image_size=32).image_png)))
+            for j in range(8)]))
 
     def data_manifest(self):
         return {"kind": "step-keyed renders", "seed": 1}
@@ -66,7 +68,8 @@ def fit(cfg, tmp_path, name: str, log: Path, **kwargs):
 
 
 def small_cfg(*extra):
-    return load_config("debug", ["dvae.num_tokens=64", "dvae.micro_batch=4", "dvae.steps=6", "dvae.report_every=1",
+    return load_config("debug", ["dvae.num_tokens=64", "dvae.micro_batch=4", "dvae.steps=6",
+                                 "dvae.report_every=1",
                                  "dvae.checkpoint_every=3", "dvae.zero_stage=3", "dvae.warmup_steps=2",
                                  "dvae.beta_steps=4", "dvae.lr=3e-3", "dvae.eval_every=3", *extra])
 
@@ -98,7 +101,8 @@ def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path
     grids = sorted(p.name for p in (tmp_path / "artifacts" / "samples").glob("*.png"))
     assert "step-0000006.png" in grids
     last = json.loads(straight.read_text().splitlines()[-1])
-    assert {"val_psnr", "val_codes_used", "val_perplexity", "psnr", "kl", "tau", "beta", "samples_per_s"} <= set(last)
+    assert {"val_psnr", "val_codes_used", "val_perplexity", "psnr", "kl", "tau", "beta",
+            "samples_per_s"} <= set(last)
 
     # Export the ZeRO-3-sharded checkpoint; load it in a process without DeepSpeed or Ray.
     from tessera.training.checkpoint import export_checkpoint
@@ -125,7 +129,8 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     cfg = small_cfg()
     log = tmp_path / "killed.jsonl"
     flag = tmp_path / "killed"
-    result = fit(cfg, tmp_path, "killed", log, interrupt={"at": 5, "how": "exit", "flag": str(flag)}, max_failures=2)
+    result = fit(cfg, tmp_path, "killed", log, interrupt={"at": 5, "how": "exit", "flag": str(flag)},
+                 max_failures=2)
     assert flag.exists()  # a worker process really died
     steps = [m["step"] for m in map(json.loads, log.read_text().splitlines())]
     # Steps 4 (and maybe 5) ran twice: once before the death, again after restoring step 3.

@@ -107,7 +107,8 @@ def test_zero3_checkpoint_and_resume_continue_the_same_run(ray_cluster, tmp_path
 
 
 def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster, tmp_path):
-    cfg = load_config("debug", [*TINY, "prior.precision=fp32", "prior.grad_accum=2"])  # 2 micro-batches per step
+    cfg = load_config("debug", [*TINY, "prior.precision=fp32",
+                                "prior.grad_accum=2"])  # 2 micro-batches per step
     log = tmp_path / "killed.jsonl"
     interrupt = {"at": 8, "how": "exit", "flag": str(tmp_path / "killed")}  # batch 8: the first of step 5
     result = fit(cfg, tmp_path, "killed", log, interrupt=interrupt, max_failures=1)
@@ -156,7 +157,8 @@ def _write_token_dataset(uri: str, dvae_uri: str, *, grid: int, vocab: int, text
             entries.append({"path": path, "num_samples": n})
         splits[split] = {"num_samples": sum(e["num_samples"] for e in entries), "shards": entries}
     manifest = {"kind": MANIFEST_KIND, "format_version": 1, "generation": "gen-test", "grid_size": grid,
-                "num_image_tokens": vocab, "text_vocab_size": text_vocab, "dvae": {"uri": dvae_uri}, "splits": splits}
+                "num_image_tokens": vocab, "text_vocab_size": text_vocab, "dvae": {"uri": dvae_uri},
+                "splits": splits}
     storage.write_json(storage.join(uri, "manifest.json"), manifest)
     return manifest
 
@@ -180,12 +182,14 @@ def test_train_prior_job_streams_token_shards_from_s3_and_exports(ray_cluster, s
     _write_token_dataset(tokens_uri, dvae_uri, grid=8, vocab=128, text_vocab=30)
     cfg = load_config("debug", [*TINY, f"run.root_uri={tmp_path}", f"prior.tokens_uri={tokens_uri}",
                                 "prior.steps=4", "prior.checkpoint_every=4", "prior.eval_every=4",
-                                "prior.report_every=2", "ray.data_cpu_limit=1", "loader.local_shuffle_buffer=16"])
+                                "prior.report_every=2", "ray.data_cpu_limit=1",
+                                "loader.local_shuffle_buffer=16"])
     result = fit(cfg, "prior")
     assert result.metrics["step"] == 4
     assert result.metrics["val_image_loss"] > 0 and result.metrics["val_image_loss_uncond"] > 0
     model = artifacts.load("prior", cfg.paths.export("prior"))
-    assert (model.shape.grid, model.shape.image_vocab, model.shape.text_vocab, model.shape.text_len) == (8, 128, 30, 6)
+    assert (model.shape.grid, model.shape.image_vocab, model.shape.text_vocab,
+            model.shape.text_len) == (8, 128, 30, 6)
     grid = Path(cfg.paths.prior) / "samples" / "step-0000004.png"
     from PIL import Image
 

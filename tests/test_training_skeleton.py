@@ -107,7 +107,8 @@ def test_accumulated_steps_report_every_micro_batch(section, one_process_group, 
     stage_class, extra = CASES[section]
     s = section
     cfg = load_config("debug", COMMON + extra + [
-        f"run.root_uri={tmp_path}", f"{s}.micro_batch={MICRO}", f"{s}.grad_accum={ACCUM}", f"{s}.steps={STEPS}",
+        f"run.root_uri={tmp_path}", f"{s}.micro_batch={MICRO}", f"{s}.grad_accum={ACCUM}",
+        f"{s}.steps={STEPS}",
         f"{s}.report_every={REPORT_EVERY}", f"{s}.eval_every=1000", f"{s}.checkpoint_every=1000",
         f"{s}.warmup_steps=1"])
     io = CountingIO(section)

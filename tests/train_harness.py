@@ -38,7 +38,8 @@ class StepKeyedHooksBase:
         if dist.is_main():
             with self.log.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        self._train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        self._train.report(metrics,
+                           checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def save_artifact(self, name, data):
         target = self.log.parent / "artifacts" / name

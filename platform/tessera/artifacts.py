@@ -64,7 +64,8 @@ def _resolve(spec: str):
 PARTS: dict[str, Part] = {
     "dvae": Part("dvae", "tessera.models.dvae:DVAE", "tessera.models.dvae:DVAEShape"),
     # The prior's token dataset: its tokenizer and dVAE are what sampling needs.
-    "prior": Part("prior", "tessera.models.prior:Prior", "tessera.models.prior:PriorShape", data_key="tokens"),
+    "prior": Part("prior", "tessera.models.prior:Prior", "tessera.models.prior:PriorShape",
+                  data_key="tokens"),
     # The tokenizer its captions were encoded with: sampling must use the same.
     "reranker": Part("reranker", "tessera.models.reranker:Reranker", "tessera.models.reranker:RerankerShape",
                      data_key="data", data_fields=("generation", "tokenizer", "resolution")),

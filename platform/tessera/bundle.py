@@ -84,12 +84,14 @@ def check_consistent(tokenizer_vocab: int, models: dict) -> None:
     if tokenizer_vocab > prior.text_vocab:
         problems.append(f"tokenizer vocabulary {tokenizer_vocab} > prior text_vocab {prior.text_vocab}")
     if reranker is not None and tokenizer_vocab > reranker.shape.text_vocab:
-        problems.append(f"tokenizer vocabulary {tokenizer_vocab} > reranker text_vocab {reranker.shape.text_vocab}")
+        problems.append(f"tokenizer vocabulary {tokenizer_vocab} > reranker text_vocab "
+                        f"{reranker.shape.text_vocab}")
     if problems:
         raise BundleError("the parts do not belong together: " + "; ".join(problems))
 
 
-def write_bundle(out_uri: str, *, dvae_uri: str, prior_uri: str, tokenizer_uri: str, reranker_uri: str | None = None,
+def write_bundle(out_uri: str, *, dvae_uri: str, prior_uri: str, tokenizer_uri: str,
+                 reranker_uri: str | None = None,
                  name: str, sources: dict | None = None, overwrite: bool = False,
                  options: storage.StorageOptions | None = None) -> dict:
     """Copy the exports into one bundle at out_uri after loading each (strict) and checking they
@@ -130,7 +132,8 @@ def write_bundle(out_uri: str, *, dvae_uri: str, prior_uri: str, tokenizer_uri: 
         "has_reranker": "reranker" in models,
         "parts": {part: {"shape": m["shape"], "step": m.get("step"), "weights": m.get("weights"),
                          "num_parameters": m.get("num_parameters")} for part, m in metas.items()},
-        "sources": {"dvae": dvae_uri, "prior": prior_uri, "reranker": reranker_uri, "tokenizer": tokenizer_uri,
+        "sources": {"dvae": dvae_uri, "prior": prior_uri, "reranker": reranker_uri,
+                    "tokenizer": tokenizer_uri,
                     **(sources or {})},
         "files": {fname: {"sha256": _sha256(data), "bytes": len(data)} for fname, data in files.items()},
     }
@@ -147,7 +150,8 @@ def read_manifest(uri: str, options: storage.StorageOptions | None = None) -> di
     if manifest.get("kind") != KIND:
         raise BundleError(f"{where}: not a tessera bundle manifest (kind={manifest.get('kind')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{where}: bundle format {manifest.get('format_version')!r}; this tessera reads {FORMAT_VERSION}")
+        raise BundleError(f"{where}: bundle format {manifest.get('format_version')!r}; "
+                          f"this tessera reads {FORMAT_VERSION}")
     return manifest
 
 
@@ -173,7 +177,8 @@ def load_bundle(uri: str, *, options: storage.StorageOptions | None = None, devi
             continue
         weights_name, meta_name = p.weights, p.meta
         meta = _json(storage.join(uri, meta_name), read(meta_name))
-        models[part] = _build_model(part, meta, read(weights_name), storage.join(uri, weights_name)).to(device)
+        models[part] = _build_model(part, meta, read(weights_name),
+                                    storage.join(uri, weights_name)).to(device)
     tokenizer = CaptionTokenizer.from_json(read(TOKENIZER).decode())
     check_consistent(tokenizer.vocab_size, models)
     return Bundle(uri=uri, manifest=manifest, tokenizer=tokenizer, dvae=models["dvae"], prior=models["prior"],
@@ -188,15 +193,18 @@ def export_bundle(cfg) -> dict:
     prior_uri = cfg.paths.bundle_prior
     prior_meta_uri = storage.join(prior_uri, artifacts.PARTS["prior"].meta)
     if not storage.exists(prior_meta_uri, opts):
-        raise BundleError(f"{prior_meta_uri}: no prior export (run jobs/train_prior.py first, or set export.prior_uri)")
+        raise BundleError(f"{prior_meta_uri}: no prior export "
+                          "(run jobs/train_prior.py first, or set export.prior_uri)")
     tokens = _json(prior_meta_uri, storage.read_bytes(prior_meta_uri, opts)).get("tokens") or {}
     dvae_uri = (tokens.get("dvae") or {}).get("uri") or cfg.paths.encode_dvae
     tokenizer_uri = storage.join(cfg.paths.prior_tokens, TOKENIZER)
     want = (tokens.get("tokenizer") or {}).get("sha256")
     if want and _sha256(storage.read_bytes(tokenizer_uri, opts)) != want:
-        raise BundleError(f"{tokenizer_uri}: not the tokenizer the prior at {prior_uri} was trained with (sha256 differs)")
+        raise BundleError(f"{tokenizer_uri}: not the tokenizer the prior at {prior_uri} was trained with "
+                          "(sha256 differs)")
     reranker_uri = cfg.paths.export("reranker") if cfg.export.include_reranker else None
-    if reranker_uri and not storage.exists(storage.join(reranker_uri, artifacts.PARTS["reranker"].meta), opts):
+    if reranker_uri and not storage.exists(
+            storage.join(reranker_uri, artifacts.PARTS["reranker"].meta), opts):
         reranker_uri = None
     return write_bundle(cfg.paths.bundle, dvae_uri=dvae_uri, prior_uri=prior_uri, tokenizer_uri=tokenizer_uri,
                         reranker_uri=reranker_uri, name=cfg.bundle_name, overwrite=cfg.export.overwrite,

@@ -93,7 +93,8 @@ class SourceConfig(Section):
     @model_validator(mode="after")
     def _uri_for_files(self) -> SourceConfig:
         if self.kind != "shapes" and not self.uri:
-            raise ValueError(f"source.kind={self.kind!r} needs source.uri (a folder or bucket prefix of shards)")
+            raise ValueError(f"source.kind={self.kind!r} needs source.uri "
+                             "(a folder or bucket prefix of shards)")
         return self
 
 
@@ -268,19 +269,24 @@ class PriorTrainConfig(StageTrainConfig):
     @model_validator(mode="after")
     def _precision(self) -> PriorTrainConfig:
         if self.resblock_grad_scaling and self.precision in ("bf16", "auto"):
-            raise ValueError("resblock_grad_scaling: true needs precision fp16 (or fp32, to exercise the scaler); "
+            raise ValueError("resblock_grad_scaling: true needs precision fp16 "
+                             "(or fp32, to exercise the scaler); "
                              "bf16 needs no loss scaling")
         if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision: fp16 needs use_gpu: true (fp16 autocast runs on CUDA; use bf16 or fp32 on CPU)")
+            raise ValueError("precision: fp16 needs use_gpu: true "
+                             "(fp16 autocast runs on CUDA; use bf16 or fp32 on CPU)")
         gc = self.grad_comm
         if gc.method in ("powersgd", "zeropp") and self.zero_stage != 3:
-            raise ValueError(f"grad_comm.method: {gc.method} works with ZeRO-3 (zero_stage: 3), got zero_stage: {self.zero_stage}")
+            raise ValueError(f"grad_comm.method: {gc.method} works with ZeRO-3 (zero_stage: 3), "
+                             f"got zero_stage: {self.zero_stage}")
         if gc.ranks_per_node is not None and self.num_workers % gc.ranks_per_node:
-            raise ValueError(f"grad_comm.ranks_per_node: {gc.ranks_per_node} does not divide num_workers: {self.num_workers}")
+            raise ValueError(f"grad_comm.ranks_per_node: {gc.ranks_per_node} does not divide "
+                             f"num_workers: {self.num_workers}")
         quantized = [k for k in ("quantized_weights", "quantized_gradients") if getattr(gc.zeropp, k)]
         if gc.method == "zeropp" and quantized and not self.use_gpu:
-            raise ValueError(f"grad_comm.zeropp.{quantized[0]} needs use_gpu: true (DeepSpeed's ZeRO++ quantization "
-                             "kernels are CUDA-only); set it to false to run hierarchical partitioning alone on CPU")
+            raise ValueError(f"grad_comm.zeropp.{quantized[0]} needs use_gpu: true (DeepSpeed's ZeRO++ "
+                             "quantization kernels are CUDA-only); set it to false to run hierarchical "
+                             "partitioning alone on CPU")
         if self.text_weight + self.image_weight <= 0:
             raise ValueError("text_weight + image_weight must be > 0")
         return self
@@ -386,7 +392,8 @@ class ExportConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """The shapes attribute classifier evaluation scores images with (tessera.inference.evaluation.classifier):
+    """The shapes attribute classifier evaluation scores images with
+    (tessera.inference.evaluation.classifier):
     a small CNN trained on its own renders of every colour/shape pair, held-out ones included."""
 
     width: int = Field(16, ge=4, le=256)  # channels of its full-resolution convs (doubled after each pooling)
@@ -428,10 +435,12 @@ class EvaluateConfig(Section):
     num_heldout: int = Field(256, ge=0)  # the first this many held-out captions (novel colour/shape pairs)
     # All candidates kept: candidate 0 scores "without reranking", the reranker's best "with" it.
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(candidates=4))
-    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)  # generation actors, each holding the bundle
+    # generation actors, each holding the bundle
+    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     # Val images reconstructed by the dVAE (PSNR, codebook use, classifier accuracy on them).
     recon_images: int = Field(256, ge=0)
-    prior_val_rows: int = Field(256, ge=0)  # val images (encoded by the bundle's dVAE) for the prior's image loss
+    # val images (encoded by the bundle's dVAE) for the prior's image loss
+    prior_val_rows: int = Field(256, ge=0)
     grid_captions: int = Field(8, ge=0)  # captions per sample grid (val and held-out)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
@@ -455,10 +464,12 @@ class GenerateConfig(Section):
     output_uri: Uri | None = None
     bundle_uri: Uri | None = None  # the bundle to draw with (--bundle sets it); None: {run.root_uri}/bundle
     n: int = Field(1, ge=1, le=64)  # images kept per caption: the reranker's best n of sampling.candidates
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # line i is seeded by a hash of (seed, i)
+    # line i is seeded by a hash of (seed, i)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     max_caption_chars: int = Field(1_000, ge=1)  # longer lines are skipped and counted
     limit: int | None = Field(None, ge=1)  # only the first this many good captions
-    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)  # generation actors, each holding the bundle
+    # generation actors, each holding the bundle
+    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -468,7 +479,8 @@ class GenerateConfig(Section):
     @model_validator(mode="after")
     def _candidates(self) -> GenerateConfig:
         if self.sampling.candidates is not None and self.sampling.candidates < self.n:
-            raise ValueError(f"sampling.candidates ({self.sampling.candidates}) must be at least n ({self.n})")
+            raise ValueError(f"sampling.candidates ({self.sampling.candidates}) must be at least "
+                             f"n ({self.n})")
         return self
 
 
@@ -539,7 +551,8 @@ def _describe(err: ValidationError) -> str:
 
 def validate_config(raw: dict, *, origin: str = "config") -> TesseraConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"{origin}: expected a mapping of sections at the top level, "
+                          f"got {type(raw).__name__}")
     try:
         return TesseraConfig.model_validate(raw)
     except ValidationError as e:
@@ -547,7 +560,8 @@ def validate_config(raw: dict, *, origin: str = "config") -> TesseraConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TesseraConfig:
-    """Load a YAML preset (a path, or a preset name like 'debug': platform/tessera/configs/, linked from jobs/configs) plus overrides."""
+    """Load a YAML preset (a path, or a preset name like 'debug': platform/tessera/configs/,
+    linked from jobs/configs) plus overrides."""
     raw: dict = {}
     origin = "defaults"
     if path is not None:

@@ -66,7 +66,8 @@ def _sections(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple
 
 def reference_markdown() -> str:
     lines = ["# Config reference", "",
-             "Generated from `platform/tessera/config.py` by `make docs`; do not edit by hand. Every job takes",
+             "Generated from `platform/tessera/config.py` by `make docs`; do not edit by hand. "
+             "Every job takes",
              "`--config <preset or path>` and `--set dotted.path=value` (the value is read as YAML). Unknown",
              "fields and bad values are refused before any work starts, naming the field path.", ""]
     for prefix, model in _sections(C.TesseraConfig):

@@ -60,7 +60,8 @@ class RunPaths:
             bundle_prior=cfg.export.prior_uri or storage.join(prior, EXPORT),
             eval=under(cfg.evaluate.output_uri, "eval"), eval_bundle=cfg.evaluate.bundle_uri or bundle,
             classifier=under(cfg.evaluate.classifier.uri, "eval", "classifier"),
-            generated=under(cfg.generate.output_uri, "generated"), generate_bundle=cfg.generate.bundle_uri or bundle,
+            generated=under(cfg.generate.output_uri, "generated"),
+            generate_bundle=cfg.generate.bundle_uri or bundle,
         )
 
     def stage(self, name: str) -> str:

@@ -41,7 +41,8 @@ def now_utc() -> str:
 
 def header(kind: str, *, generation: str | None = None, format_version: int = 1) -> dict:
     """The fields every manifest starts with."""
-    out = {"kind": kind, "format_version": format_version, "created": now_utc(), "code_version": code_version()}
+    out = {"kind": kind, "format_version": format_version, "created": now_utc(),
+           "code_version": code_version()}
     if generation is not None:
         out["generation"] = generation
     return out

@@ -108,8 +108,10 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
         raise StorageError(f"{uri}: missing bucket name")
     if "@" in parts.netloc:
         # Never echo the URI: it holds a secret.
-        raise StorageError(f"{scheme}://…@{parts.netloc.rsplit('@', 1)[1]}: credentials in URIs are not supported "
-                           "(they would end up in manifests and logs); use the AWS_* / GOOGLE_* variables or an instance role")
+        raise StorageError(f"{scheme}://…@{parts.netloc.rsplit('@', 1)[1]}: "
+                           "credentials in URIs are not supported "
+                           "(they would end up in manifests and logs); "
+                           "use the AWS_* / GOOGLE_* variables or an instance role")
     return _filesystem(scheme, opts), f"{parts.netloc}{parts.path}".rstrip("/")
 
 
@@ -122,7 +124,8 @@ def to_uri(uri_like: str, path: str) -> str:
 def _explain(uri: str, err: BaseException) -> str:
     text = str(err)
     low = text.lower()
-    if "nosuchbucket" in low or "bucket does not exist" in low or "the specified bucket does not exist" in low:
+    if ("nosuchbucket" in low or "bucket does not exist" in low
+            or "the specified bucket does not exist" in low):
         return f"{uri}: bucket does not exist"
     if any(s in low for s in ("curl", "connect", "resolve host", "timed out", "timeout", "unreachable")):
         return f"{uri}: cannot reach the object store ({text.splitlines()[0][:200]})"
@@ -143,11 +146,13 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return file_info(uri, options).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+def list_files(uri: str, options: StorageOptions | None = None, *,
+               suffixes: tuple[str, ...] = ()) -> list[str]:
     """Sorted URIs of the files under a folder/prefix (recursive), or [uri] for a single file;
     comma-separated URIs are listed in turn."""
     if "," in uri:
-        return [f for part in uri.split(",") if part.strip() for f in list_files(part.strip(), options, suffixes=suffixes)]
+        return [f for part in uri.split(",") if part.strip()
+                for f in list_files(part.strip(), options, suffixes=suffixes)]
     fs, path = resolve(uri, options)
     try:
         info = fs.get_file_info(path)
@@ -169,7 +174,8 @@ def list_files(uri: str, options: StorageOptions | None = None, *, suffixes: tup
     return [to_uri(uri, p) for p in sorted(files)]
 
 
-def require_inputs(uri: str, options: StorageOptions | None = None, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+def require_inputs(uri: str, options: StorageOptions | None = None, *,
+                   suffixes: tuple[str, ...] = ()) -> list[str]:
     """list_files, but an empty result is an error naming what was looked for, raised before any
     work starts."""
     files = list_files(uri, options, suffixes=suffixes)

@@ -88,11 +88,13 @@ def read_validation_samples(data_uri: str, manifest: dict, *, limit: int, text_l
     the split is missing or empty."""
     if not manifest["splits"].get("val", {}).get("num_samples"):
         return None
-    tokenizer_json = storage.read_bytes(storage.join(data_uri, manifest["tokenizer"]["path"]), options).decode()
+    tokenizer_json = storage.read_bytes(storage.join(data_uri, manifest["tokenizer"]["path"]),
+                                        options).decode()
     parts: dict[str, list] = {"image": [], "text_ids": [], "text_mask": []}
     for uri in shard_uris(data_uri, manifest, "val"):
         out = decode_shards({"bytes": [storage.read_bytes(uri, options)]}, tokenizer_json=tokenizer_json,
-                            text_len=text_len, image_ext=manifest["image_format"], resolution=manifest["resolution"])
+                            text_len=text_len, image_ext=manifest["image_format"],
+                            resolution=manifest["resolution"])
         for k in parts:
             parts[k].append(out[k])
         if sum(len(i) for i in parts["image"]) >= limit:

@@ -73,7 +73,8 @@ def preflight(cfg: TesseraConfig) -> list[str]:
 
 
 def _read_files(batch: pa.Table, *, kind: str, opts: storage.StorageOptions, src: dict) -> Iterator[pa.Table]:
-    for uri, index in zip(batch.column("uri").to_pylist(), batch.column("file_index").to_pylist(), strict=True):
+    for uri, index in zip(batch.column("uri").to_pylist(), batch.column("file_index").to_pylist(),
+                          strict=True):
         if kind == "webdataset":
             yield from sources.read_tar_shard(uri, index, opts)
         else:
@@ -120,7 +121,8 @@ def build_raw_dataset(cfg: TesseraConfig, files: list[str]):
         return ds.map_batches(_render_shapes, batch_size=250, fn_kwargs=dict(
             shapes_cfg=src.shapes, image_size=src.shapes.image_size))
     items = [{"uri": u, "file_index": i} for i, u in enumerate(files)]
-    read_kw = dict(image_column=src.image_column, caption_column=src.caption_column, key_column=src.key_column)
+    read_kw = dict(image_column=src.image_column, caption_column=src.caption_column,
+                   key_column=src.key_column)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_files, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(kind=src.kind, opts=_options(cfg), src=read_kw))
@@ -140,8 +142,10 @@ def _write_shard(pieces: list, *, split: str, uri: str, image_ext: str, first_or
     samples = []
     for block_ref, start, stop in pieces:
         rows = _publishable(ray.get(block_ref), split, first_order).slice(start, stop - start)
-        for key, image, caption, meta in zip(*(rows.column(c).to_pylist() for c in ("key", "image", "caption", "meta")), strict=True):
-            samples.append((key, {image_ext: image, "txt": caption.encode("utf-8"), "json": meta.encode("utf-8")}))
+        for key, image, caption, meta in zip(*(rows.column(c).to_pylist()
+                                               for c in ("key", "image", "caption", "meta")), strict=True):
+            samples.append((key, {image_ext: image, "txt": caption.encode("utf-8"),
+                                  "json": meta.encode("utf-8")}))
     storage.write_bytes(uri, write_tar(samples), opts)
     return len(samples)
 
@@ -191,7 +195,8 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
 
     # 1. Read + process; the result holds resized images only, so it is small enough to keep.
     raw = build_raw_dataset(cfg, files)
-    processed = raw.map_batches(_process, batch_size=64, batch_format="pyarrow", fn_kwargs={"rules": rules}).materialize()
+    processed = raw.map_batches(_process, batch_size=64, batch_format="pyarrow",
+                                fn_kwargs={"rules": rules}).materialize()
     reason_task = ray.remote(_reason_counts)
     reasons: dict[str, int] = {}
     for counts in ray.get([reason_task.remote(r) for r in processed.to_arrow_refs()]):
@@ -243,14 +248,16 @@ def _prepare(cfg: TesseraConfig, files: list[str], *, old: dict | None, started:
             log.info("wrote %d/%d shards", done, total_shards)
 
     # 4. Caption tokenizer from the training captions (streamed, captions only).
-    train_final = processed.filter(expr=(col("split") == "train") & (col("reason") == "")) if splits.get("train", {}).get("num_samples") else None
+    train_final = (processed.filter(expr=(col("split") == "train") & (col("reason") == ""))
+                   if splits.get("train", {}).get("num_samples") else None)
     limit = cfg.tokenizer.max_training_captions
 
     def captions() -> Iterator[str]:
         if train_final is None:
             return
         n = 0
-        for b in train_final.select_columns(["caption"]).iter_batches(batch_format="pyarrow", batch_size=4096):
+        for b in train_final.select_columns(["caption"]).iter_batches(batch_format="pyarrow",
+                                                                      batch_size=4096):
             for c in b.column("caption").to_pylist():
                 if n >= limit:
                     return

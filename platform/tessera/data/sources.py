@@ -142,7 +142,8 @@ def read_parquet_file(
                         caption = caption.encode("utf-8")
                     key = cols[key_column][i] if key_column else None
                     key = str(key) if key is not None else f"{stem}-{seen:09d}"
-                    meta = {"source": f"{_shard_name(uri)}#{seen}", "source_meta": {n: cols[n][i] for n in extra}}
+                    meta = {"source": f"{_shard_name(uri)}#{seen}",
+                            "source_meta": {n: cols[n][i] for n in extra}}
                     rows.add(key=key, order=_order(file_index, seen), image=cols[image_column][i],
                              caption=caption, meta=json.dumps(meta, default=str))
                     seen += 1
@@ -160,7 +161,8 @@ def render_shapes(indices: list[int], *, shapes_cfg, image_size: int) -> pa.Tabl
     combination), the next num_heldout indices are the held-out split."""
     from tessera.data import shapes
 
-    held_out = shapes.validate_held_out(shapes_cfg.held_out) if shapes_cfg.held_out is not None else shapes.DEFAULT_HELD_OUT
+    held_out = (shapes.validate_held_out(shapes_cfg.held_out) if shapes_cfg.held_out is not None
+                else shapes.DEFAULT_HELD_OUT)
     rows = _Rows()
     for idx in indices:
         heldout = idx >= shapes_cfg.num_samples

@@ -57,12 +57,14 @@ def pad_token_batch(table: pa.Table, *, text_len: int) -> dict[str, np.ndarray]:
     pos = np.arange(text_len)
     mask = pos[None, :] < np.minimum(lengths, text_len)[:, None]
     if flat.size:
-        ids = np.where(mask, flat[np.minimum(starts[:, None] + pos[None, :], flat.size - 1)], 0).astype(np.int32)
+        ids = np.where(mask, flat[np.minimum(starts[:, None] + pos[None, :], flat.size - 1)],
+                       0).astype(np.int32)
     else:
         ids = np.zeros((n, text_len), np.int32)
     image_col = table.column("image_tokens").combine_chunks()
     grid_tokens = image_col.type.list_size
-    image = image_col.flatten().to_numpy(zero_copy_only=False).reshape(n, grid_tokens).astype(np.int16, copy=False)
+    image = (image_col.flatten().to_numpy(zero_copy_only=False).reshape(n, grid_tokens)
+             .astype(np.int16, copy=False))
     return {"text_ids": ids, "text_mask": mask, "image_tokens": image}
 
 

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_tokenizer(captions: Iterable[str], *, vocab_size: int, min_frequency: int = 2, lowercase: bool = True) -> Tokenizer:
+def train_tokenizer(captions: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
+                    lowercase: bool = True) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     tok.normalizer = normalizers.Sequence(norms)

@@ -54,7 +54,8 @@ class Sampling:
     def of(cls, config, *, keep: int) -> Sampling:
         """From a SamplingConfig: its candidates (at least `keep`), the best `keep` kept."""
         return cls(candidates=max(config.candidates or keep, keep), keep=keep, temperature=config.temperature,
-                   top_k=config.top_k, top_p=config.top_p, guidance_scale=config.guidance_scale, seed=config.seed)
+                   top_k=config.top_k, top_p=config.top_p, guidance_scale=config.guidance_scale,
+                   seed=config.seed)
 
 
 def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: Sampling):
@@ -70,7 +71,8 @@ def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: S
     m = sampling.candidates
     ids, mask = generator.encode_prompts(prompts)
     with torch.no_grad():
-        tokens = sample_image_tokens(generator.prior, ids, mask, temperature=sampling.temperature, top_k=sampling.top_k,
+        tokens = sample_image_tokens(generator.prior, ids, mask, temperature=sampling.temperature,
+                                     top_k=sampling.top_k,
                                      top_p=sampling.top_p, seed=candidate_seeds(seeds, m),
                                      guidance_scale=sampling.guidance_scale, samples_per_prompt=m)
         images = generator.dvae.decode(tokens.to(generator.device))  # (B·M, 3, S, S) in [0, 1]
@@ -110,7 +112,8 @@ class CandidateGenerator:
             torch.set_num_threads(threads)
         self.sampling = Sampling(**sampling)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.generator = ImageGenerator(load_bundle(bundle_uri, options=options, device=device), device=device)
+        self.generator = ImageGenerator(load_bundle(bundle_uri, options=options, device=device),
+                                        device=device)
         s = self.sampling
         params = GenerationParams(n=s.keep, seed=0, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                   guidance_scale=s.guidance_scale, candidates=s.candidates)
@@ -125,7 +128,8 @@ class CandidateGenerator:
         images, scores = draw_candidates(self.generator, captions, seeds, s)
         ranks = rank_candidates(scores, s.candidates, len(captions))
         extra = [k for k in batch if k not in ("caption", "index", "seed")]  # passed through per row
-        out: dict[str, list] = {k: [] for k in ("caption", "index", "seed", "candidate", "rank", "score", *extra)}
+        out: dict[str, list] = {k: [] for k in ("caption", "index", "seed", "candidate", "rank", "score",
+                                                *extra)}
         out["file" if self.output_uri else "png"] = []
         for i, caption in enumerate(captions):
             for j in np.argsort(ranks[i], kind="stable")[: s.keep]:
@@ -148,7 +152,8 @@ class CandidateGenerator:
         return {k: np.array(v, dtype=None if k in numeric else object) for k, v in out.items()}
 
 
-def generate_images(captions: list[dict], *, bundle_uri: str, sampling: Sampling, options=None, batch_size: int = 16,
+def generate_images(captions: list[dict], *, bundle_uri: str, sampling: Sampling, options=None,
+                    batch_size: int = 16,
                     num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False,
                     output_uri: str | None = None, images_folder: str = "images") -> list[dict]:
     """Run CandidateGenerator over caption rows ({"caption", "index", "seed"}) on the current Ray
@@ -167,7 +172,8 @@ def generate_images(captions: list[dict], *, bundle_uri: str, sampling: Sampling
                                    threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu))
     rows = ds.take_all()
     for r in rows:
-        r["index"], r["seed"], r["candidate"], r["rank"] = (int(r[k]) for k in ("index", "seed", "candidate", "rank"))
+        r["index"], r["seed"], r["candidate"], r["rank"] = (int(r[k])
+                                                            for k in ("index", "seed", "candidate", "rank"))
         r["score"] = None if math.isnan(float(r["score"])) else float(r["score"])
     return sorted(rows, key=lambda r: (r["index"], r["rank"]))
 
@@ -202,7 +208,8 @@ def _file_captions(uri: str, options):
         table = pq.read_table(io.BytesIO(data))
         if "caption" not in table.column_names:
             raise storage.StorageError(f"{uri}: no 'caption' column (has {table.column_names})")
-        yield from ((c, None) if isinstance(c, str) else (None, "empty") for c in table.column("caption").to_pylist())
+        yield from ((c, None) if isinstance(c, str) else (None, "empty")
+                    for c in table.column("caption").to_pylist())
         return
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
@@ -250,7 +257,8 @@ def run_generate(cfg) -> dict:
         captions = captions[: g.limit]
     if not captions:
         raise ValueError(f"{g.captions_uri}: no usable captions (skipped: {skipped})")
-    log.info("%d captions from %s (skipped %s)", len(captions), g.captions_uri, {k: v for k, v in skipped.items() if v} or "none")
+    log.info("%d captions from %s (skipped %s)", len(captions), g.captions_uri,
+             {k: v for k, v in skipped.items() if v} or "none")
     storage.require_writable(out, opts)
     old = published.existing(out, opts)
     published.clear_unpublished_generations(out, opts, keep=old.get("generation") if old else None)
@@ -259,20 +267,25 @@ def run_generate(cfg) -> dict:
     items = [{**c, "seed": caption_seed(sampling.seed, c["index"])} for c in captions]
     use_gpu = a.use_gpu if a.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     t0 = time.time()
-    rows = generate_images(items, bundle_uri=bundle_uri, sampling=sampling, options=opts, batch_size=a.batch_size,
+    rows = generate_images(items, bundle_uri=bundle_uri, sampling=sampling, options=opts,
+                           batch_size=a.batch_size,
                            num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, use_gpu=use_gpu,
                            output_uri=out, images_folder=f"{generation}/images")
     seconds = time.time() - t0
-    index = "".join(json.dumps({k: r[k] for k in ("file", "caption", "index", "seed", "rank", "candidate", "score")}) + "\n"
+    index = "".join(json.dumps({k: r[k] for k in ("file", "caption", "index", "seed", "rank", "candidate",
+                                                  "score")}) + "\n"
                     for r in rows)
     storage.write_text(storage.join(out, generation, INDEX), index, opts)
     manifest = {
         **published.header(MANIFEST_KIND, generation=generation), "index": f"{generation}/{INDEX}",
         "bundle": {"uri": bundle_uri, "name": bundle["name"], "resolution": bundle["resolution"]},
-        "captions": {"uri": g.captions_uri, "lines": len(captions) + sum(skipped.values()), "used": len(captions),
+        "captions": {"uri": g.captions_uri, "lines": len(captions) + sum(skipped.values()),
+                     "used": len(captions),
                      "skipped": skipped, "skip_reasons": SKIP_REASONS},
-        "sampling": asdict(sampling), "images": len(rows), "images_drawn": len(captions) * sampling.candidates,
-        "seed_rule": "caption line i is seeded s = caption_seed(seed, i); its candidate j drew with s*1000 + j",
+        "sampling": asdict(sampling), "images": len(rows),
+        "images_drawn": len(captions) * sampling.candidates,
+        "seed_rule": "caption line i is seeded s = caption_seed(seed, i); "
+                     "its candidate j drew with s*1000 + j",
         "wall_time_s": round(time.time() - started, 2),
         "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,  # kept images
         "drawn_per_s": round(len(captions) * sampling.candidates / seconds, 2) if seconds > 0 else None,
@@ -285,8 +298,9 @@ def run_generate(cfg) -> dict:
 def summarize(manifest: dict) -> str:
     c = manifest["captions"]
     bad = {k: v for k, v in c["skipped"].items() if v}
-    return (f"generated {manifest['images']} images for {c['used']} captions with {manifest['bundle']['name']} "
-            f"({manifest['sampling']['candidates']} drawn, {manifest['sampling']['keep']} kept per caption) in "
+    return (f"generated {manifest['images']} images for {c['used']} captions with "
+            f"{manifest['bundle']['name']} ({manifest['sampling']['candidates']} drawn, "
+            f"{manifest['sampling']['keep']} kept per caption) in "
             f"{manifest['wall_time_s']:.1f} s ({manifest['drawn_per_s']} drawn/s)\n"
             f"  skipped lines: {json.dumps(bad) if bad else 'none'}\n"
             f"  index: {manifest['index']}")

@@ -108,7 +108,8 @@ class ShardEncoder:
         text_ids = self.tokenizer.ids(captions)
         keep = [i for i, ids in enumerate(text_ids) if ids]
         skipped["bad_caption"] += len(keys) - len(keep)
-        keys, captions, text_ids = [keys[i] for i in keep], [captions[i] for i in keep], [text_ids[i] for i in keep]
+        keys, captions, text_ids = ([keys[i] for i in keep], [captions[i] for i in keep],
+                                    [text_ids[i] for i in keep])
         images = images[keep]
 
         shape = self.model.shape
@@ -164,11 +165,13 @@ def run_encode(cfg: TesseraConfig) -> dict:
     generation = published.new_generation()
     items = []
     for split in data["splits"]:
-        for src, entry in zip(shard_uris(cfg.paths.data, data, split), data["splits"][split]["shards"], strict=True):
+        for src, entry in zip(shard_uris(cfg.paths.data, data, split), data["splits"][split]["shards"],
+                              strict=True):
             name = entry["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
             items.append({"src": src, "split": split,
                           "dst": storage.join(cfg.paths.tokens, generation, split, f"{name}.parquet")})
-    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, data["tokenizer"]["path"]), opts).decode()
+    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.data, data["tokenizer"]["path"]),
+                                        opts).decode()
     measure = tuple(s for s in data["splits"] if s != "train")
     a = e.actors
     use_gpu = a.use_gpu if a.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -231,7 +234,8 @@ def summarize(manifest: dict) -> str:
     lines = [f"token shards: {manifest['grid_size']}x{manifest['grid_size']} image tokens of "
              f"{manifest['num_image_tokens']}, generation {manifest['generation']}"]
     for name, s in manifest["splits"].items():
-        extra = f"; round-trip PSNR {manifest['roundtrip_psnr'][name]:.2f} dB" if name in manifest["roundtrip_psnr"] else ""
+        extra = (f"; round-trip PSNR {manifest['roundtrip_psnr'][name]:.2f} dB"
+                 if name in manifest["roundtrip_psnr"] else "")
         lines.append(f"  {name:8s} {s['num_samples']:>9,d} samples in {len(s['shards'])} shards{extra}")
     bad = {k: v for k, v in manifest["skipped"].items() if v}
     lines.append(f"  skipped {json.dumps(bad) if bad else 'none'}")

@@ -60,7 +60,8 @@ def layer_patterns(depth: int, attention: str) -> list[str]:
     return ["conv" if i == depth - 1 else "column" if (i - 2) % 4 == 0 else "row" for i in range(depth)]
 
 
-def mask_mod(spec: MaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def mask_mod(spec: MaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                         torch.Tensor]:
     """True where query position q may attend to key position kv."""
     T, G, pattern, half = spec.text_len, spec.grid, spec.pattern, spec.kernel // 2
 

@@ -34,7 +34,8 @@ class DVAEShape:
     def __post_init__(self) -> None:
         ratio = self.image_size // self.grid_size
         if self.image_size % self.grid_size or ratio & (ratio - 1) or ratio < 1:
-            raise ValueError(f"image_size / grid_size must be a power of two, got {self.image_size}/{self.grid_size}")
+            raise ValueError(f"image_size / grid_size must be a power of two, "
+                             f"got {self.image_size}/{self.grid_size}")
 
     @property
     def groups(self) -> int:
@@ -46,8 +47,10 @@ class DVAEShape:
 
 NAMED_SHAPES = {
     # 32 px -> 8×8 tokens: ~0.2 s per batch-32 step on 2 CPU cores (64 px -> 16×16 costs ~1 s).
-    "debug": DVAEShape(image_size=32, num_tokens=128, grid_size=8, hidden=32, blocks_per_group=1, decoder_init=64),
-    "small": DVAEShape(image_size=128, num_tokens=2048, grid_size=16, hidden=64, blocks_per_group=2, decoder_init=128),
+    "debug": DVAEShape(image_size=32, num_tokens=128, grid_size=8, hidden=32, blocks_per_group=1,
+                       decoder_init=64),
+    "small": DVAEShape(image_size=128, num_tokens=2048, grid_size=16, hidden=64, blocks_per_group=2,
+                       decoder_init=128),
     "paper": DVAEShape(),
 }
 
@@ -125,7 +128,8 @@ def logit_laplace_nll(stats: torch.Tensor, x_mapped: torch.Tensor) -> torch.Tens
     distribution with location μ and log-scale ln b from the decoder: stats (B, 6, S, S)."""
     mu, log_b = stats[:, :3], stats[:, 3:].clamp(min=-7.0)
     logit_x = torch.log(x_mapped) - torch.log1p(-x_mapped)
-    nll = (logit_x - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(x_mapped * (1 - x_mapped))
+    nll = ((logit_x - mu).abs() * torch.exp(-log_b) + log_b + math.log(2)
+           + torch.log(x_mapped * (1 - x_mapped)))
     return nll.mean()
 
 

@@ -92,7 +92,8 @@ class Attention(nn.Module):
         y = attend(q, k, v, self.spec, impl)  # (B, H, L, Dh)
         return self.post_norm(self.out(y.transpose(1, 2).reshape(B, L, D)))
 
-    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                       start: int) -> torch.Tensor:
         """x (B, n, D) at sequence positions start..start+n-1; their keys and values are written
         into the caches (B, H, L, Dh) and the queries attend over positions 0..start+n-1 with this
         layer's mask rows. The same call serves the prompt (n > 1) and each new token (n = 1)."""
@@ -103,7 +104,8 @@ class Attention(nn.Module):
         cache_v[:, :, start:end] = v
         keys = cached_key_positions(self.spec, start, end, str(x.device))
         if isinstance(keys, slice):  # every earlier position: no gather
-            ck, cv, mask = cache_k[:, :, :end], cache_v[:, :, :end], dense_mask(self.spec, str(x.device))[start:end, :end]
+            ck, cv, mask = (cache_k[:, :, :end], cache_v[:, :, :end],
+                            dense_mask(self.spec, str(x.device))[start:end, :end])
         else:  # one query under a sparse pattern: only the keys its mask row allows, (B, H, m, Dh)
             ck, cv, mask = cache_k.index_select(2, keys), cache_v.index_select(2, keys), None
         y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)  # (B, H, n, Dh)
@@ -143,7 +145,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), impl)
         return x + self.ff(self.norm2(x))
 
-    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                       start: int) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.norm1(x), cache_k, cache_v, start)
         return x + self.ff(self.norm2(x))
 
@@ -179,7 +182,8 @@ class Prior(nn.Module):
             for lin in (block.attn.out, block.ff.out):
                 lin.weight.data.mul_(1 / math.sqrt(2 * self.shape.depth))
 
-    def embed(self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
+              image_tokens: torch.Tensor) -> torch.Tensor:
         """text_ids (B, T) int, text_mask (B, T) bool (True = a caption token), image_tokens (B, n) int
         with n ≤ G·G -> (B, T + n, D)."""
         T, G = self.shape.text_len, self.shape.grid
@@ -239,7 +243,8 @@ class Prior(nn.Module):
         logits (B, image_vocab) predicted at the last of them; the cache grows by n."""
         start = cache.length
         if start + x.shape[1] > self.shape.seq_len:
-            raise ValueError(f"the sequence holds {self.shape.seq_len} positions; cannot extend {start} by {x.shape[1]}")
+            raise ValueError(f"the sequence holds {self.shape.seq_len} positions; "
+                             f"cannot extend {start} by {x.shape[1]}")
         for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
             x = block.forward_cached(x, k, v, start)
         cache.length = start + x.shape[1]
@@ -280,7 +285,8 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
-def drop_captions(text_mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_captions(text_mask: torch.Tensor, p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Caption dropout: each caption is replaced by the all-padding caption with probability p, so
     the model also learns p(image) and sampling can use classifier-free guidance."""
     if p <= 0:

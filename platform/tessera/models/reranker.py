@@ -45,12 +45,16 @@ class RerankerShape:
         if self.text_dim % self.text_heads:
             raise ValueError(f"text_dim {self.text_dim} is not divisible by text_heads {self.text_heads}")
         if self.image_blocks < 1 or self.image_stages < 1:
-            raise ValueError(f"image_blocks and image_stages must be >= 1, got {self.image_blocks}, {self.image_stages}")
+            raise ValueError(f"image_blocks and image_stages must be >= 1, "
+                             f"got {self.image_blocks}, {self.image_stages}")
         if self.image_width % 8:
-            raise ValueError(f"image_width {self.image_width} must be a multiple of 8 (GroupNorm of 8 groups)")
-        if self.image_size % (2 ** self.image_stages) or self.image_size // 2 ** self.image_stages < self.image_grid:
+            raise ValueError(f"image_width {self.image_width} must be a multiple of 8 "
+                             "(GroupNorm of 8 groups)")
+        if (self.image_size % (2 ** self.image_stages)
+                or self.image_size // 2 ** self.image_stages < self.image_grid):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2^image_stages "
-                             f"(={2 ** self.image_stages}) leaving at least image_grid={self.image_grid} cells a side")
+                             f"(={2 ** self.image_stages}) leaving at least "
+                             f"image_grid={self.image_grid} cells a side")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,9 +64,11 @@ NAMED_SHAPES = {
     # The debug dVAE's 32 px images, 32 caption tokens: ~1 M parameters, ~0.25 s per batch-64
     # training step on one CPU thread; ~90% caption-level top-1 among 256 shapes pairs after
     # 300 such steps.
-    "debug": RerankerShape(text_vocab=1024, text_len=32, image_size=32, embed_dim=128, text_dim=128, text_depth=2,
+    "debug": RerankerShape(text_vocab=1024, text_len=32, image_size=32, embed_dim=128, text_dim=128,
+                           text_depth=2,
                            text_heads=4, image_width=16, image_stages=3, image_blocks=1, image_grid=4),
-    "small": RerankerShape(text_vocab=16_384, text_len=64, image_size=128, embed_dim=256, text_dim=256, text_depth=4,
+    "small": RerankerShape(text_vocab=16_384, text_len=64, image_size=128, embed_dim=256, text_dim=256,
+                           text_depth=4,
                            text_heads=4, image_width=32, image_stages=4, image_blocks=2, image_grid=4),
 }
 
@@ -103,7 +109,8 @@ class TextEncoder(nn.Module):
         """text_ids (B, T) int, text_mask (B, T) bool (True = a caption token), T ≤ text_len -> (B, E)."""
         T = text_ids.shape[1]
         if T > self.shape.text_len:
-            raise ValueError(f"captions are {T} tokens long; this reranker reads at most text_len={self.shape.text_len}")
+            raise ValueError(f"captions are {T} tokens long; "
+                             f"this reranker reads at most text_len={self.shape.text_len}")
         # Columns past the longest caption are padding in every row: dropping them changes
         # nothing (positions are absolute, padding is masked) and saves their compute.
         real = text_mask.bool().any(0).nonzero()
@@ -124,7 +131,8 @@ class TextEncoder(nn.Module):
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.GELU())
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out),
+                         nn.GELU())
 
 
 class ImageEncoder(nn.Module):
@@ -135,10 +143,12 @@ class ImageEncoder(nn.Module):
         layers = [_conv_block(3, w, 1)]
         for s in range(shape.image_stages):
             c_in, c_out = w * 2 ** s, w * 2 ** (s + 1)
-            layers += [_conv_block(c_in, c_out, 2)] + [_conv_block(c_out, c_out, 1) for _ in range(shape.image_blocks - 1)]
+            layers += [_conv_block(c_in, c_out, 2)] + [_conv_block(c_out, c_out, 1)
+                                                       for _ in range(shape.image_blocks - 1)]
         self.convs = nn.Sequential(*layers)
         c_last, P = w * 2 ** shape.image_stages, shape.image_grid
-        self.head = nn.Sequential(nn.Flatten(), nn.LayerNorm(c_last * P * P), nn.Linear(c_last * P * P, 2 * shape.embed_dim),
+        self.head = nn.Sequential(nn.Flatten(), nn.LayerNorm(c_last * P * P),
+                                  nn.Linear(c_last * P * P, 2 * shape.embed_dim),
                                   nn.GELU(), nn.Linear(2 * shape.embed_dim, shape.embed_dim, bias=False))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,7 +160,8 @@ class ImageEncoder(nn.Module):
         if x.shape[-2:] != (S, S):
             # Area averaging when shrinking (as the dVAE's input pipeline), bilinear when growing.
             shrink = x.shape[-1] > S and x.shape[-2] > S
-            x = F.interpolate(x, size=(S, S), mode="area" if shrink else "bilinear", align_corners=None if shrink else False)
+            x = F.interpolate(x, size=(S, S), mode="area" if shrink else "bilinear",
+                              align_corners=None if shrink else False)
         x = (x * 2 - 1).to(self.convs[0][0].weight.dtype)  # the weights' dtype: bf16 under a bf16 engine
         x = self.convs(x)  # (B, C, S / 2^stages, S / 2^stages)
         x = F.adaptive_avg_pool2d(x, self.shape.image_grid)  # (B, C, P, P)
@@ -179,7 +190,8 @@ class Reranker(nn.Module):
         """exp(logit_scale), clamped at 100 as CLIP (no gradient beyond the clamp)."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()[0]  # ()
 
-    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE over the batch: row i's caption and image are a positive pair, and so
         is any pair whose captions are identical. accuracy: mean over both directions of the
         argmax landing on a positive."""
@@ -187,7 +199,8 @@ class Reranker(nn.Module):
         i = self.encode_image(images)  # (B, E)
         logits = self.scale() * t @ i.T  # (B, B): captions × images
         positive = same_caption(text_ids, text_mask)  # (B, B) bool, diagonal True
-        target = positive.float() / positive.sum(1, keepdim=True)  # symmetric, so the same for both directions
+        # symmetric, so the same for both directions
+        target = positive.float() / positive.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         with torch.no_grad():
             rows = torch.arange(len(t), device=t.device)
@@ -208,7 +221,8 @@ def same_caption(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def retrieval_accuracy(text_emb: torch.Tensor, image_emb: torch.Tensor, positive: torch.Tensor) -> dict[str, float]:
+def retrieval_accuracy(text_emb: torch.Tensor, image_emb: torch.Tensor,
+                       positive: torch.Tensor) -> dict[str, float]:
     """Top-1 retrieval among N pairs: text_emb, image_emb (N, E) unit rows, pair i = (text i, image i);
     positive (N, N) bool marks pairs with identical captions (its diagonal is True).
 

@@ -7,7 +7,8 @@ members in rank order, as NCCL and gloo do for large messages: in a ring of p me
 crosses node boundaries c times, a reduce-scatter or all-gather of D bytes moves (p−1)·D/p over
 each link, so c·(p−1)·D/p crosses nodes; an all-reduce is both, twice that; a broadcast reaches
 each other node once, (m−1)·D for m nodes; an all-to-all sends D/p from each member to each
-other (D: one member's input), counted for the pairs on different nodes. Each member books 1/p of the collective's total,
+other (D: one member's input), counted for the pairs on different nodes. Each member books 1/p of
+the collective's total,
 so the sum over ranks is the cluster's total.
 
 `CommLedger.install()` wraps the collective methods of DeepSpeed's communication backend (the
@@ -64,7 +65,8 @@ def _nbytes(t) -> int:
 # the signatures from inspect).
 _DEEPSPEED_OPS = {
     "all_reduce": (("tensor", "op", "group"), "all_reduce", "grads", lambda a: _nbytes(a["tensor"])),
-    "inference_all_reduce": (("tensor", "op", "group"), "all_reduce", "grads", lambda a: _nbytes(a["tensor"])),
+    "inference_all_reduce": (("tensor", "op", "group"), "all_reduce", "grads",
+                             lambda a: _nbytes(a["tensor"])),
     "all_reduce_coalesced": (("tensors", "op", "group"), "all_reduce", "grads",
                              lambda a: sum(map(_nbytes, a["tensors"]))),
     "reduce_scatter_tensor": (("output_tensor", "input_tensor", "op", "group"), "reduce_scatter", "grads",

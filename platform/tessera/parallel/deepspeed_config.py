@@ -26,7 +26,8 @@ def build_deepspeed_config(
     `zero_allow_untested_optimizer` is set; LR schedules are applied by tessera too.
     """
     if min(micro_batch, grad_accum, world_size) < 1:
-        raise ValueError(f"micro_batch, grad_accum and world_size must be >= 1, got {micro_batch}, {grad_accum}, {world_size}")
+        raise ValueError(f"micro_batch, grad_accum and world_size must be >= 1, "
+                         f"got {micro_batch}, {grad_accum}, {world_size}")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
     cfg: dict = {
@@ -51,7 +52,8 @@ def build_deepspeed_config(
         if zero_stage != 3:
             raise ValueError("hpz_partition_size (ZeRO++ hierarchical partitioning) needs zero_stage 3")
         if world_size % hpz_partition_size:
-            raise ValueError(f"world_size {world_size} is not a multiple of hpz_partition_size {hpz_partition_size}")
+            raise ValueError(f"world_size {world_size} is not a multiple of "
+                             f"hpz_partition_size {hpz_partition_size}")
         cfg["zero_optimization"]["zero_hpz_partition_size"] = hpz_partition_size
     if quantized_weights or quantized_gradients:
         # ZeRO++ qwZ (int8 weight all-gather) / qgZ (int4 all-to-all gradient reduction; DeepSpeed

@@ -88,7 +88,8 @@ class PowerSGD:
         self.all_reduce = all_reduce or group_mean_all_reduce()
         self.device = torch.device(device)
         self.specs = list(specs)
-        self.compressed = [i for i, s in enumerate(self.specs) if s.matrix is not None and worth_compressing(s.matrix, rank)]
+        self.compressed = [i for i, s in enumerate(self.specs)
+                           if s.matrix is not None and worth_compressing(s.matrix, rank)]
         self.dense = [i for i in range(len(self.specs)) if i not in set(self.compressed)]
         self.errors: dict[int, torch.Tensor] = {}
         self.qs: dict[int, torch.Tensor] = {}

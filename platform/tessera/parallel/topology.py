@@ -16,9 +16,11 @@ class NodeLayout:
     def uniform(cls, world_size: int, ranks_per_node: int) -> NodeLayout:
         """Consecutive ranks share a node (how launchers and Ray Train number them)."""
         if ranks_per_node < 1 or world_size < 1:
-            raise ValueError(f"world_size and ranks_per_node must be >= 1, got {world_size}, {ranks_per_node}")
+            raise ValueError(f"world_size and ranks_per_node must be >= 1, "
+                             f"got {world_size}, {ranks_per_node}")
         if world_size % ranks_per_node:
-            raise ValueError(f"{world_size} workers do not split into nodes of ranks_per_node={ranks_per_node}")
+            raise ValueError(f"{world_size} workers do not split into nodes of "
+                             f"ranks_per_node={ranks_per_node}")
         return cls(tuple(r // ranks_per_node for r in range(world_size)))
 
     @classmethod

@@ -109,8 +109,9 @@ class ImageGenerator:
             prompts = [jobs[i][0] for i in members]
             ids, mask = self.encode_prompts(prompts)
             seeds = candidate_seeds([jobs[i][1].seed for i in members], draws)  # tessera.sampling.seeds
-            tokens = sample_image_tokens(self.prior, ids, mask, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=seeds, guidance_scale=[jobs[i][1].guidance_scale for i in members],
+            tokens = sample_image_tokens(self.prior, ids, mask, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, seed=seeds,
+                                         guidance_scale=[jobs[i][1].guidance_scale for i in members],
                                          samples_per_prompt=draws)
             images = self.dvae.decode(tokens.to(self.device))  # (len(members)·draws, 3, S, S) in [0, 1]
             order = self.rank(prompts, images, draws)  # (len(members), draws)

@@ -21,7 +21,8 @@ import torch
 from tessera.models.prior import Prior
 
 
-def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, *, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
     """Logits (B, V) with everything outside the top-k and outside the nucleus set to -inf.
 
     top_p keeps the smallest set of most likely tokens whose probability reaches p (always at
@@ -79,7 +80,8 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, to
 
 
 @torch.no_grad()
-def sample_image_tokens(prior: Prior, text_ids: torch.Tensor, text_mask: torch.Tensor, *, temperature: float = 1.0,
+def sample_image_tokens(prior: Prior, text_ids: torch.Tensor, text_mask: torch.Tensor, *,
+                        temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
                         guidance_scale: float | Sequence[float] = 1.0, prime: torch.Tensor | None = None,
                         samples_per_prompt: int = 1, use_cache: bool = True) -> torch.Tensor:
@@ -98,7 +100,8 @@ def sample_image_tokens(prior: Prior, text_ids: torch.Tensor, text_mask: torch.T
     B, m, device = text_ids.shape[0], samples_per_prompt, text_ids.device
     prime = torch.zeros(B, 0, dtype=torch.long, device=device) if prime is None else prime.to(device).long()
     if prime.shape[0] != B or prime.shape[1] >= s.num_image_tokens:
-        raise ValueError(f"prime must be (batch={B}, k < {s.num_image_tokens}) image tokens, got {tuple(prime.shape)}")
+        raise ValueError(f"prime must be (batch={B}, k < {s.num_image_tokens}) image tokens, "
+                         f"got {tuple(prime.shape)}")
     scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device).expand(B).repeat_interleave(m)
     guided = bool((scale != 1).any())
     generators = [torch.Generator(device="cpu").manual_seed(x) for x in row_seeds(seed, B * m)]

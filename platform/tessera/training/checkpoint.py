@@ -76,7 +76,8 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str = CHECKPOINT_TAG) -> d
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
     else:
         # Our own checkpoint, written by this code: trusted input for torch.load.
-        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
 
 
@@ -101,5 +102,6 @@ def export_checkpoint(part: str, checkpoint_dir: str, out_uri: str, *,
     extra = {"step": state["step"], "weights": source, **(state.get("export") or {})}
     if (ckpt / CONFIG_FILE).exists():
         extra["config"] = json.loads((ckpt / CONFIG_FILE).read_text())
-    data = json.loads((ckpt / DATA_MANIFEST_FILE).read_text()) if (ckpt / DATA_MANIFEST_FILE).exists() else None
+    data = (json.loads((ckpt / DATA_MANIFEST_FILE).read_text()) if (ckpt / DATA_MANIFEST_FILE).exists()
+            else None)
     return artifacts.export(part, weights, shape, out_uri, options=options, data_manifest=data, **extra)

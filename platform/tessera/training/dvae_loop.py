@@ -84,7 +84,8 @@ class DVAEStage(Stage):
         model.train(was_training)
         ppl, used = codebook_usage(tokens, self.shape.num_tokens)
         if dist.is_main():
-            self.io.save_artifact(f"samples/step-{step:07d}.png", reconstruction_grid(self.val[:32], recon[:32]))
+            self.io.save_artifact(f"samples/step-{step:07d}.png",
+                                  reconstruction_grid(self.val[:32], recon[:32]))
         return {"val_psnr": float(psnr(recon, self.val)), "val_perplexity": ppl, "val_codes_used": used}
 
     def progress(self, m: dict) -> str:

@@ -86,19 +86,23 @@ class GradComm:
         self.rank = dist.rank()
         if self.method == "powersgd":
             if zero_stage != 3:
-                raise ValueError("grad_comm.method powersgd builds on ZeRO-3's node-sharded partitions: set zero_stage: 3")
+                raise ValueError("grad_comm.method powersgd builds on ZeRO-3's node-sharded partitions: "
+                                 "set zero_stage: 3")
             if self.layout.num_nodes > 1:
                 _ = self.layout.ranks_per_node  # the same on every node, or a clear error
         if self.method == "zeropp":
             if zero_stage != 3:
                 raise ValueError("grad_comm.method zeropp is ZeRO++ (ZeRO-3 only): set zero_stage: 3")
-            if (cfg.zeropp.quantized_weights or cfg.zeropp.quantized_gradients) and not (use_gpu and torch.cuda.is_available()):
-                raise ValueError("grad_comm.zeropp quantized_weights/quantized_gradients need CUDA (DeepSpeed's "
+            if ((cfg.zeropp.quantized_weights or cfg.zeropp.quantized_gradients)
+                    and not (use_gpu and torch.cuda.is_available())):
+                raise ValueError("grad_comm.zeropp quantized_weights/quantized_gradients "
+                                 "need CUDA (DeepSpeed's "
                                  "quantization kernels are CUDA-only); turn them off or train on GPUs")
             k = self.layout.ranks_per_node
             if self.layout.node_groups() != NodeLayout.uniform(self.layout.world_size, k).node_groups():
                 # DeepSpeed builds hpZ's secondary groups from consecutive ranks.
-                raise ValueError(f"grad_comm zeropp needs consecutive ranks on each node; the workers' nodes are "
+                raise ValueError(f"grad_comm zeropp needs consecutive ranks on each node; "
+                                 f"the workers' nodes are "
                                  f"{list(self.layout.node_of_rank)} (use placement_strategy PACK)")
         self.node_group = self.replica_group = None
         if self.method == "powersgd" and self.layout.num_nodes > 1:
@@ -244,7 +248,8 @@ class GradComm:
         if self.param_partition == "node":
             with self.uncounted(), _gathered(engine):
                 if dist.is_main():
-                    weights = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+                    weights = {k: v.detach().float().cpu().clone()
+                               for k, v in engine.module.state_dict().items()}
                     files[GATHERED_WEIGHTS] = save(weights)
         return files
 
@@ -253,7 +258,8 @@ class GradComm:
             return
         path = Path(checkpoint_dir, self._state_file())
         if not path.exists():
-            log.warning("no PowerSGD state for rank %d in the checkpoint: error feedback starts from zero", self.rank)
+            log.warning("no PowerSGD state for rank %d in the checkpoint: error feedback starts from zero",
+                        self.rank)
             return
         from safetensors.torch import load_file
 

@@ -202,7 +202,8 @@ class ResblockGradScaler:
         for key, value in (("scales", scales), ("last_shrink", last_shrink)):
             if tuple(value.shape) != (self.num_segments,):
                 raise ValueError(
-                    f"grad scaler state {key!r} has shape {tuple(value.shape)}, expected ({self.num_segments},)"
+                    f"grad scaler state {key!r} has shape {tuple(value.shape)}, "
+                    f"expected ({self.num_segments},)"
                 )
         self.scales = scales.clone()
         self.last_shrink = last_shrink.clone()

@@ -104,7 +104,8 @@ class PriorStage(Stage):
 
     def step_metrics(self, m: dict) -> dict:
         norm, scaler = self.engine.get_global_grad_norm(), self.scaler
-        return {"image_bits": bits_per_token(m["image_loss"]), "tokens_per_s": m["samples_per_s"] * self.shape.seq_len,
+        return {"image_bits": bits_per_token(m["image_loss"]),
+                "tokens_per_s": m["samples_per_s"] * self.shape.seq_len,
                 "grad_norm": float(norm) if norm is not None and math.isfinite(float(norm)) else None,
                 "skipped_updates": scaler.skipped if scaler else 0, **(scaler.stats() if scaler else {}),
                 **self.comm.metrics()}
@@ -131,7 +132,8 @@ class PriorStage(Stage):
     def state(self) -> dict:
         out = {"precision": self.precision, "param_partition": self.comm.param_partition}
         if self.scaler is not None:
-            out[SCALER_KEY] = {k: v.tolist() if torch.is_tensor(v) else v for k, v in self.scaler.state_dict().items()}
+            out[SCALER_KEY] = {k: v.tolist() if torch.is_tensor(v) else v
+                               for k, v in self.scaler.state_dict().items()}
         return out
 
     def rank_files(self) -> dict[str, bytes]:

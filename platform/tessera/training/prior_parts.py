@@ -81,7 +81,8 @@ def sample_grid_png(images: torch.Tensor, captions: list[str], *, per_caption: i
     validation image as its tokens decode), then `per_caption` samples. Images (N, 3, S, S)."""
     samples = to_pixels(images)
     refs = to_pixels(references) if references is not None else None
-    rows = [GridRow(images=([refs[r]] if refs is not None else []) + list(samples[r * per_caption:(r + 1) * per_caption]),
+    rows = [GridRow(images=([refs[r]] if refs is not None else [])
+                           + list(samples[r * per_caption:(r + 1) * per_caption]),
                     caption=caption, gap_after={0} if refs is not None else set())
             for r, caption in enumerate(captions)]
     return grid_png(rows, scale=scale)
@@ -97,7 +98,8 @@ def write_sample_grid(model: Prior, rows: dict, io, *, step: int, cfg, device, p
     k = min(p.grid_captions, len(rows["caption"]))
     if k == 0:
         return
-    ids, mask, _ = batch_to_device({key: rows[key][:k] for key in ("text_ids", "text_mask", "image_tokens")}, device)
+    ids, mask, _ = batch_to_device({key: rows[key][:k] for key in ("text_ids", "text_mask", "image_tokens")},
+                                   device)
     ids, mask = ids.repeat_interleave(p.grid_samples, 0), mask.repeat_interleave(p.grid_samples, 0)
     was_training = model.training
     model.eval()
@@ -111,6 +113,7 @@ def write_sample_grid(model: Prior, rows: dict, io, *, step: int, cfg, device, p
     if decode is not None:
         g = model.shape.grid
         refs = decode(torch.as_tensor(np.array(rows["image_tokens"][:k], dtype=np.int64)).view(k, g, g))
-        png = sample_grid_png(decode(tokens.cpu()), [str(c) for c in rows["caption"][:k]], per_caption=p.grid_samples,
+        png = sample_grid_png(decode(tokens.cpu()), [str(c) for c in rows["caption"][:k]],
+                              per_caption=p.grid_samples,
                               references=refs)
         io.save_artifact(f"samples/step-{step:07d}.png", png)

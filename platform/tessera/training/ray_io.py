@@ -104,7 +104,8 @@ class RayTrainIO:
         rows = read_validation_samples(self.cfg.paths.data, self.data_manifest(), limit=limit,
                                        text_len=self.cfg.loader.text_len, options=self.options)
         if rows is None:
-            log.warning("%s has no validation split: no validation figures will be reported", self.cfg.paths.data)
+            log.warning("%s has no validation split: no validation figures will be reported",
+                        self.cfg.paths.data)
             return None
         return {k: torch.from_numpy(v) for k, v in rows.items()}
 

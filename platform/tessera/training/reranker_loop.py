@@ -34,13 +34,16 @@ def reranker_shape(cfg, manifest: dict) -> RerankerShape:
                          "re-run jobs/prepare.py") from None
     image_size = r.image_size or DVAE_SHAPES[cfg.dvae.size].image_size
     try:
-        return replace(NAMED_SHAPES[r.size], text_vocab=vocab, text_len=cfg.loader.text_len, image_size=image_size)
+        return replace(NAMED_SHAPES[r.size], text_vocab=vocab, text_len=cfg.loader.text_len,
+                       image_size=image_size)
     except ValueError as e:
-        raise ValueError(f"reranker.image_size={image_size} does not fit reranker.size={r.size!r}: {e}") from None
+        raise ValueError(f"reranker.image_size={image_size} does not fit "
+                         f"reranker.size={r.size!r}: {e}") from None
 
 
 def text_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.as_tensor(batch["text_ids"]).to(device).long(), torch.as_tensor(batch["text_mask"]).to(device).bool()
+    return (torch.as_tensor(batch["text_ids"]).to(device).long(),
+            torch.as_tensor(batch["text_mask"]).to(device).bool())
 
 
 @torch.no_grad()
@@ -50,7 +53,8 @@ def evaluate_retrieval(model: Reranker, pairs: dict, *, batch: int = 256) -> dic
     was_training = model.training
     model.eval()
     ids, mask, images = pairs["text_ids"], pairs["text_mask"], pairs["images"]
-    text = torch.cat([model.encode_text(ids[s:s + batch], mask[s:s + batch]) for s in range(0, len(ids), batch)])
+    text = torch.cat([model.encode_text(ids[s:s + batch], mask[s:s + batch])
+                      for s in range(0, len(ids), batch)])
     image = torch.cat([model.encode_image(images[s:s + batch]) for s in range(0, len(images), batch)])
     model.train(was_training)
     return {f"val_{k}": v for k, v in retrieval_accuracy(text, image, same_caption(ids, mask)).items()}

@@ -217,7 +217,8 @@ class Stage:
                     break
                 seed = step_seed(t.seed, step, micro % t.grad_accum, t.grad_accum)
                 torch.manual_seed(seed)
-                lr = t.lr * schedules.lr_factor(step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+                lr = t.lr * schedules.lr_factor(step, warmup=t.warmup_steps, total=t.steps,
+                                                min_ratio=t.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -261,7 +262,8 @@ class Stage:
 def progress_line(m: dict, figures: str, evaluation: str, total: int, started: float, first_step: int) -> str:
     """One console line per report: where the run is, how it is doing, when it will end."""
     eta = (time.time() - started) / max(m["step"] - first_step, 1) * (total - m["step"]) / 60
-    rate = f"{m['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in m else f"{m['samples_per_s']:.0f} samples/s"
+    rate = (f"{m['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in m
+            else f"{m['samples_per_s']:.0f} samples/s")
     parts = [f"step {m['step']}/{total} loss {m['loss']:.4f}", figures, rate, f"eta {eta:.1f} min"]
     line = " ".join(p for p in parts if p)
     return f"{line} | {evaluation}" if evaluation else line

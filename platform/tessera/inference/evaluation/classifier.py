@@ -58,7 +58,8 @@ def config_of(spec: dict) -> ClassifierConfig:
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
 
 
 class AttributeClassifier(nn.Module):
@@ -87,7 +88,8 @@ class AttributeClassifier(nn.Module):
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over heads of the cross-entropy; labels (B, NUM_LABELS)."""
-        return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(self(x).split(_HEAD_SIZES, dim=1)))
+        return sum(F.cross_entropy(lg, labels[:, i])
+                   for i, lg in enumerate(self(x).split(_HEAD_SIZES, dim=1)))
 
     @torch.no_grad()
     def predict(self, images: np.ndarray | torch.Tensor, *, batch: int = 512) -> np.ndarray:
@@ -153,7 +155,8 @@ def reconstruct(dvae, x: torch.Tensor, *, batch: int = 512) -> torch.Tensor:
     return out.clamp(0, 1).mul(255).round().div(255)
 
 
-def train_classifier(spec: ClassifierConfig, *, dvae=None, report_every: int = 100) -> tuple[AttributeClassifier, dict]:
+def train_classifier(spec: ClassifierConfig, *, dvae=None,
+                     report_every: int = 100) -> tuple[AttributeClassifier, dict]:
     """Render, train, and measure on fresh renders (other seeds); returns the model (eval mode)
     and {"train_seconds", "render_seconds", "accuracy": {"real", "real_2x"}, ...}. With
     spec.recon_fraction > 0, `dvae` (the evaluated bundle's) reconstructs the renders."""
@@ -203,7 +206,8 @@ def measure_on_renders(model: AttributeClassifier, spec: ClassifierConfig) -> di
     classifier's size ("real") and at 2x, area-downsampled ("real_2x")."""
     out = {}
     for name, frac, seed in (("real", 0.0, spec.seed + 1), ("real_2x", 1.0, spec.seed + 2)):
-        images, labels = render_scenes(spec.test_samples, seed=seed, image_size=spec.image_size, double_fraction=frac,
+        images, labels = render_scenes(spec.test_samples, seed=seed, image_size=spec.image_size,
+                                       double_fraction=frac,
                                        max_objects=spec.max_objects)
         out[name] = score_labels(model.predict(images), labels)
     return out
@@ -255,7 +259,8 @@ def load_classifier(uri: str, *, spec: dict | None = None,
 
 
 def ensure_classifier(c: ClassifierConfig, uri: str, *, options: storage.StorageOptions | None = None,
-                      retrain: bool = False, dvae=None, dvae_sha256: str = "") -> tuple[AttributeClassifier, dict, bool]:
+                      retrain: bool = False, dvae=None,
+                      dvae_sha256: str = "") -> tuple[AttributeClassifier, dict, bool]:
     """The classifier saved at uri when its spec (spec_of) matches, else a freshly trained and
     saved one. `c` has image_size and max_objects resolved. Returns (model, meta, trained_now)."""
     spec = spec_of(c, dvae_sha256)

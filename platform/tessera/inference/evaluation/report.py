@@ -25,7 +25,8 @@ def sample_grid_png(rows: list[dict], *, scale: int = 4, title: str = "") -> byt
                           for k, (c, s) in enumerate(zip(r["candidates"], r["scores"], strict=True))],
                     frames=[GOOD if ok else BAD for ok in r["correct"]]) for r in rows]
     return grid_png(grid, scale=scale, title=title, min_width=420,
-                    subtitle="best first; green frame: the classifier reads the caption in it; c0: no reranking"
+                    subtitle=("best first; green frame: the classifier reads the caption in it; "
+                              "c0: no reranking")
                     if title else "")
 
 
@@ -46,7 +47,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
-def curves_png(stage: str, rows: list[dict], *, panel: tuple[int, int] = (300, 170), columns: int = 3) -> bytes | None:
+def curves_png(stage: str, rows: list[dict], *, panel: tuple[int, int] = (300, 170),
+               columns: int = 3) -> bytes | None:
     """A panel per numeric series of a stage's history rows ({"step": int, <metric>: float}),
     value against step on linear axes; series that never change are listed in one line instead.
     None when there is nothing to plot."""
@@ -59,7 +61,8 @@ def curves_png(stage: str, rows: list[dict], *, panel: tuple[int, int] = (300, 1
     n = len(series)
     ncols = min(columns, n)
     nrows = -(-n // ncols)
-    notes = textwrap.wrap("constant: " + ", ".join(constant), max(20, ncols * pw // 6 - 4)) if constant else []
+    notes = (textwrap.wrap("constant: " + ", ".join(constant), max(20, ncols * pw // 6 - 4))
+             if constant else [])
     canvas = Image.new("RGB", (ncols * pw, 20 + nrows * ph + 14 * len(notes) + 4), WHITE)
     draw = ImageDraw.Draw(canvas)
     draw.text((6, 4), f"{stage}: {len(rows)} reports", fill=BLACK)
@@ -98,12 +101,16 @@ def markdown(report: dict) -> str:
     """report.md: the headline tables of report.json."""
     b, lines = report["bundle"], []
     lines += [f"# Evaluation of `{b['name']}`", "",
-              f"Bundle `{b['uri']}` ({b['resolution']} px, reranker: {'yes' if b['has_reranker'] else 'no'}); "
-              f"{report['settings']['candidates']} candidates per caption, temperature {report['settings']['temperature']}, "
-              f"top-k {report['settings']['top_k']}, guidance {report['settings']['guidance_scale']}, seed {report['settings']['seed']}.",
+              f"Bundle `{b['uri']}` ({b['resolution']} px, "
+              f"reranker: {'yes' if b['has_reranker'] else 'no'}); "
+              f"{report['settings']['candidates']} candidates per caption, "
+              f"temperature {report['settings']['temperature']}, "
+              f"top-k {report['settings']['top_k']}, guidance {report['settings']['guidance_scale']}, "
+              f"seed {report['settings']['seed']}.",
               f"Created {report['created']} in {report['wall_time_s']:.0f} s.", "",
               "## Caption accuracy (attribute classifier)", "",
-              "| split | captions | reranking | caption | colour | shape | size | layout | count | 1 obj | 2 obj | 3 obj |",
+              "| split | captions | reranking | caption | colour | shape | size | layout | count | "
+              "1 obj | 2 obj | 3 obj |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for split, s in report["splits"].items():
         for mode, label in (("without_reranking", "no (candidate 0)"), ("with_reranking", "yes (best of M)")):
@@ -111,25 +118,32 @@ def markdown(report: dict) -> str:
             if not m:
                 continue
             by = [_pct(m["by_objects"].get(k, {}).get("caption_accuracy")) for k in ("1", "2", "3")]
-            lines.append(f"| {split} | {m['n']} | {label} | **{_pct(m['caption_accuracy'])}** | {_pct(m['colour'])} | "
-                         f"{_pct(m['shape'])} | {_pct(m['size'])} | {_pct(m['layout'])} | {_pct(m['count'])} | "
+            lines.append(f"| {split} | {m['n']} | {label} | **{_pct(m['caption_accuracy'])}** | "
+                         f"{_pct(m['colour'])} | {_pct(m['shape'])} | {_pct(m['size'])} | "
+                         f"{_pct(m['layout'])} | {_pct(m['count'])} | "
                          + " | ".join(by) + " |")
     lines += ["", "Any of the M candidates right (the most a reranker could reach): "
-              + "; ".join(f"{split} {_pct(s.get('any_candidate'))}" for split, s in report["splits"].items()) + "."]
+              + "; ".join(f"{split} {_pct(s.get('any_candidate'))}"
+                          for split, s in report["splits"].items()) + "."]
     held = (report["splits"].get("heldout") or {}).get("novel_pairs")
     if held:
-        lines.append(f"Held-out objects (novel colour/shape pairs, {held['n']} of them) drawn with both right: "
-                     f"{_pct(held.get('colour_and_shape'))} (candidate 0), {_pct(held.get('colour_and_shape_reranked'))} (reranked).")
+        lines.append(f"Held-out objects (novel colour/shape pairs, {held['n']} of them) "
+                     f"drawn with both right: {_pct(held.get('colour_and_shape'))} (candidate 0), "
+                     f"{_pct(held.get('colour_and_shape_reranked'))} (reranked).")
     c = report["classifier"]
     lines += ["", "## The classifier (its own ceiling)", "", "| images | caption accuracy |", "|---|---:|"]
-    for key, label in (("real", "fresh renders at the bundle's resolution"), ("real_2x", "fresh renders at 2x, area-downsampled"),
-                       ("val_real", "prepared val images"), ("val_reconstruction", "dVAE reconstructions of val images (ceiling)")):
+    for key, label in (("real", "fresh renders at the bundle's resolution"),
+                       ("real_2x", "fresh renders at 2x, area-downsampled"),
+                       ("val_real", "prepared val images"),
+                       ("val_reconstruction", "dVAE reconstructions of val images (ceiling)")):
         if c.get(key) is not None:
             lines.append(f"| {label} | {_pct(c[key])} |")
-    lines.append(f"\n{'Trained in ' + format(c['train_seconds'], '.0f') + ' s' if c.get('trained_now') else 'Reused'} "
-                 f"from `{c['uri']}`.")
+    lines.append(
+        f"\n{'Trained in ' + format(c['train_seconds'], '.0f') + ' s' if c.get('trained_now') else 'Reused'} "
+        f"from `{c['uri']}`.")
     mix = float((c.get("spec") or {}).get("recon_fraction") or 0)
-    through = (f" and, in {mix:.0%} of its batches, on the same renders as this bundle's dVAE reconstructs them "
+    through = (f" and, in {mix:.0%} of its batches, on the same renders as this bundle's dVAE "
+               "reconstructs them "
                "(so it also reads that decoder's colours and edges)") if mix else ""
     lines.append(f"Trained on renders of every colour/shape pair{through}.")
     d, p = report.get("dvae") or {}, report.get("prior") or {}
@@ -139,7 +153,8 @@ def markdown(report: dict) -> str:
                   f"| dVAE codebook use (of K = {d['codebook_size']}) | {_pct(d['codebook_usage'])} |",
                   f"| dVAE codebook perplexity | {_num(d['perplexity'], '', 1)} |"]
     if p.get("val_image_loss") is not None:
-        lines += [f"| prior val image loss, nats/token ({p.get('rows', '?')} rows, {p['source']}) | {_num(p['val_image_loss'])} |"]
+        lines += [f"| prior val image loss, nats/token ({p.get('rows', '?')} rows, {p['source']}) | "
+                  f"{_num(p['val_image_loss'])} |"]
         if p.get("val_image_loss_uncond") is not None:
             lines.append(f"| prior val image loss without captions | {_num(p['val_image_loss_uncond'])} |")
     for note in report.get("notes", []):
@@ -155,5 +170,6 @@ def markdown(report: dict) -> str:
         lines += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in files["curves"]]
     missing = [s for s, v in (report.get("curves") or {}).items() if v.get("missing")]
     if missing:
-        lines.append(f"\nNo history.json for: {', '.join(missing)} (stage not run, or trained before curves were recorded).")
+        lines.append(f"\nNo history.json for: {', '.join(missing)} "
+                     "(stage not run, or trained before curves were recorded).")
     return "\n".join(lines) + "\n"

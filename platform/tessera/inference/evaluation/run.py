@@ -100,7 +100,8 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
 
 
 @torch.no_grad()
-def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray], classifier) -> tuple[dict, torch.Tensor]:
+def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray],
+                 classifier) -> tuple[dict, torch.Tensor]:
     """PSNR of decode(encode(x)), codebook use, and the classifier on the reconstructions; also
     the tokens (B, G, G) for the prior's loss."""
     from tessera.models.dvae import codebook_usage, psnr, to_model_input, to_pixels
@@ -111,7 +112,8 @@ def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray], class
     perplexity, used = codebook_usage(tokens, dvae.shape.num_tokens)
     recon_u8 = to_pixels(recon)
     acc = score_labels(classifier.predict(recon_u8), np.stack(labels))
-    return {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3), "codebook_size": dvae.shape.num_tokens,
+    return {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3),
+            "codebook_size": dvae.shape.num_tokens,
             "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2),
             "classifier_on_reconstructions": acc}, tokens
 
@@ -128,7 +130,8 @@ def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: i
     for s in range(0, len(ids), batch):
         sl, k = slice(s, s + batch), len(ids[s:s + batch])
         sums["val_image_loss"] += float(prior(ids[sl], mask[sl], image[sl])["image_loss"]) * k
-        sums["val_image_loss_uncond"] += float(prior(ids[sl], torch.zeros_like(mask[sl]), image[sl])["image_loss"]) * k
+        sums["val_image_loss_uncond"] += float(prior(ids[sl], torch.zeros_like(mask[sl]),
+                                                     image[sl])["image_loss"]) * k
     return {"rows": len(ids), "source": "val images encoded by the bundle's dVAE",
             **{k: round(v / len(ids), 4) for k, v in sums.items()}}
 
@@ -140,7 +143,8 @@ def _decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def score_generations(split: Split, rows: list[dict], classifier, candidates: int, held_out: set) -> tuple[dict, dict]:
+def score_generations(split: Split, rows: list[dict], classifier, candidates: int,
+                      held_out: set) -> tuple[dict, dict]:
     """(figures, per-caption arrays) for one split's generated rows (one per candidate)."""
     n, m = len(split.captions), candidates
     images = np.zeros((n, m, *_decode_png(rows[0]["png"]).shape), np.uint8) if rows else None
@@ -170,8 +174,10 @@ def grid_rows(split: Split, arrays: dict, k: int) -> list[dict]:
     for i in range(min(k, len(split.captions))):
         order = np.argsort(arrays["ranks"][i], kind="stable")
         out.append({"caption": split.captions[i], "images": [arrays["images"][i, j] for j in order],
-                    "candidates": [int(j) for j in order], "correct": [bool(arrays["correct"][i, j]) for j in order],
-                    "scores": [None if np.isnan(arrays["scores"][i, j]) else float(arrays["scores"][i, j]) for j in order]})
+                    "candidates": [int(j) for j in order],
+                    "correct": [bool(arrays["correct"][i, j]) for j in order],
+                    "scores": [None if np.isnan(arrays["scores"][i, j]) else float(arrays["scores"][i, j])
+                               for j in order]})
     return out
 
 
@@ -198,10 +204,13 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     if e.classifier.threads:
         torch.set_num_threads(e.classifier.threads)
 
-    splits = {"val": read_split(cfg.paths.data, data, "val", max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
-              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts) if "heldout" in data["splits"]
+    splits = {"val": read_split(cfg.paths.data, data, "val",
+                                max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
+              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts)
+              if "heldout" in data["splits"]
               else Split("heldout")}
-    log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions), len(splits["heldout"].captions),
+    log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions),
+             len(splits["heldout"].captions),
              cfg.paths.data)
 
     t0 = time.time()
@@ -213,7 +222,8 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
                                         "max_objects": e.classifier.max_objects or max_objects})
     classifier, cmeta, trained = ensure_classifier(c, cfg.paths.classifier, options=opts, retrain=c.retrain,
                                                    dvae=b.dvae, dvae_sha256=dvae_digest)
-    log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders", "trained" if trained else "reused",
+    log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders",
+             "trained" if trained else "reused",
              time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
 
     val = splits["val"]
@@ -229,14 +239,17 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     sampling, a = batch_generate.Sampling.of(e.sampling, keep=e.candidates), e.actors
     todo = {"val": e.num_captions, "heldout": e.num_heldout}
     items = [{"caption": c, "index": i, "seed": caption_seed(sampling.seed, i, stream), "split": name}
-             for stream, name in enumerate(("val", "heldout")) for i, c in enumerate(splits[name].captions[: todo[name]])]
+             for stream, name in enumerate(("val", "heldout"))
+             for i, c in enumerate(splits[name].captions[: todo[name]])]
     for name in todo:
         splits[name] = Split(name, splits[name].captions[: todo[name]], splits[name].labels[: todo[name]],
                              splits[name].images[: todo[name]], splits[name].skipped)
     use_gpu = a.use_gpu if a.use_gpu is not None else _cluster_has_gpus()
     t0 = time.time()
-    log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items), a.num_actors)
-    rows = batch_generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts, batch_size=a.batch_size,
+    log.info("generating %d images for %d captions on %d actor(s)", len(items) * e.candidates, len(items),
+             a.num_actors)
+    rows = batch_generate.generate_images(items, bundle_uri=uri, sampling=sampling, options=opts,
+                                          batch_size=a.batch_size,
                                     num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, use_gpu=use_gpu)
     gen_seconds = time.time() - t0
     by_split: dict[str, list[dict]] = {"val": [], "heldout": []}
@@ -244,9 +257,11 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         by_split[str(r["split"])].append(r)
 
     report: dict = {**published.header(KIND),
-                    "bundle": {"uri": uri, "name": b.name, "resolution": b.resolution, "has_reranker": b.reranker is not None,
+                    "bundle": {"uri": uri, "name": b.name, "resolution": b.resolution,
+                               "has_reranker": b.reranker is not None,
                                "steps": {p: m.get("step") for p, m in b.manifest["parts"].items()}},
-                    "data": {"uri": cfg.paths.data, "generation": data["generation"], "held_out": sorted(" ".join(p) for p in held_out)},
+                    "data": {"uri": cfg.paths.data, "generation": data["generation"],
+                             "held_out": sorted(" ".join(p) for p in held_out)},
                     "settings": _settings(e), "splits": {}, "notes": []}
     if b.reranker is None and e.candidates > 1:
         report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
@@ -258,7 +273,8 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         figures["skipped"] = split.skipped
         report["splits"][name] = figures
         if e.grid_captions:
-            png = draw.sample_grid_png(grid_rows(split, arrays, e.grid_captions), title=f"{b.name}: {name} captions")
+            png = draw.sample_grid_png(grid_rows(split, arrays, e.grid_captions),
+                                       title=f"{b.name}: {name} captions")
             storage.write_bytes(storage.join(out_uri, f"grid_{name}.png"), png, opts)
             files["grids"].append(f"grid_{name}.png")
 
@@ -278,9 +294,11 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
                             "train_seconds": cmeta.get("train_seconds"),
                             "real": cmeta["accuracy"]["real"]["caption_accuracy"],
                             "real_2x": cmeta["accuracy"]["real_2x"]["caption_accuracy"],
-                            "val_real": score_labels(classifier.predict(np.stack(val.images)), np.stack(val.labels))["caption_accuracy"]
+                            "val_real": score_labels(classifier.predict(np.stack(val.images)),
+                                                     np.stack(val.labels))["caption_accuracy"]
                             if val.images else None,
-                            "val_reconstruction": (dvae.get("classifier_on_reconstructions") or {}).get("caption_accuracy"),
+                            "val_reconstruction": (dvae.get("classifier_on_reconstructions")
+                                                   or {}).get("caption_accuracy"),
                             "renders": cmeta["accuracy"]}
     report["dvae"], report["prior"] = dvae, prior
     n_images = len(rows)
@@ -296,7 +314,8 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
 def _settings(e) -> dict:
     """The evaluate section as the report records it: one flat mapping (sampling and actors inlined)."""
     flat = e.model_dump(mode="json", exclude={"classifier", "sampling", "actors"})
-    return flat | e.sampling.model_dump(mode="json") | e.actors.model_dump(mode="json") | {"candidates": e.candidates}
+    return (flat | e.sampling.model_dump(mode="json") | e.actors.model_dump(mode="json")
+            | {"candidates": e.candidates})
 
 
 def _cluster_has_gpus() -> bool:
@@ -327,23 +346,29 @@ def summarize(report: dict) -> str:
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}%"
 
-    lines = [f"evaluation of {report['bundle']['name']} ({report['bundle']['uri']}) in {report['wall_time_s']:.0f} s"]
+    lines = [f"evaluation of {report['bundle']['name']} ({report['bundle']['uri']}) "
+             f"in {report['wall_time_s']:.0f} s"]
     for name, s in report["splits"].items():
         wo, w = s["without_reranking"], s["with_reranking"]
-        lines.append(f"  {name:8s} {s['captions']:4d} captions: caption accuracy {pct(wo['caption_accuracy'])} without "
-                     f"reranking, {pct(w['caption_accuracy'])} with (best of {report['settings']['candidates']}); "
+        lines.append(f"  {name:8s} {s['captions']:4d} captions: caption accuracy "
+                     f"{pct(wo['caption_accuracy'])} without reranking, "
+                     f"{pct(w['caption_accuracy'])} with (best of {report['settings']['candidates']}); "
                      f"any candidate {pct(s['any_candidate'])}; colour/shape/size/layout "
                      f"{pct(w['colour'])}/{pct(w['shape'])}/{pct(w['size'])}/{pct(w['layout'])} reranked")
         if "novel_pairs" in s:
-            lines.append(f"           held-out pairs drawn right: {pct(s['novel_pairs']['colour_and_shape'])} "
-                         f"({pct(s['novel_pairs']['colour_and_shape_reranked'])} reranked) of {s['novel_pairs']['n']}")
+            lines.append(f"           held-out pairs drawn right: "
+                         f"{pct(s['novel_pairs']['colour_and_shape'])} "
+                         f"({pct(s['novel_pairs']['colour_and_shape_reranked'])} reranked) "
+                         f"of {s['novel_pairs']['n']}")
     c, d, p = report["classifier"], report["dvae"], report["prior"]
     lines.append(f"  classifier: {pct(c['real'])} on fresh renders, {pct(c['val_real'])} on val images, "
                  f"{pct(c['val_reconstruction'])} on their dVAE reconstructions (the ceiling)")
     if d:
-        lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR, {pct(d['codebook_usage'])} of {d['codebook_size']} codes used")
+        lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR, {pct(d['codebook_usage'])} of "
+                     f"{d['codebook_size']} codes used")
     if p:
-        lines.append(f"  prior: val image loss {p['val_image_loss']:.3f} nats/token ({p['val_image_loss_uncond']:.3f} without captions)")
+        lines.append(f"  prior: val image loss {p['val_image_loss']:.3f} nats/token "
+                     f"({p['val_image_loss_uncond']:.3f} without captions)")
     g = report["generation"]
     lines.append(f"  generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']}/s)")
     return "\n".join(lines)

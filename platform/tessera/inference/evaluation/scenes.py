@@ -61,7 +61,8 @@ class Scene:
         layout = LAYOUTS[int(labels[0])]
         objects = []
         for slot in range(int(layout_count(int(labels[0])))):
-            objects.append(tuple(_VOCAB[attr][v] if (v := int(labels[1 + 3 * slot + a])) < len(_VOCAB[attr]) else "none"
+            objects.append(tuple(_VOCAB[attr][v] if (v := int(labels[1 + 3 * slot + a])) < len(_VOCAB[attr])
+                                 else "none"
                                  for a, attr in enumerate(ATTRIBUTES)))
         return cls(layout, tuple(objects))
 
@@ -72,7 +73,8 @@ def canonical_scene(attributes: dict) -> Scene:
     try:
         objs = [(o["colour"], o["shape"], o["size"]) for o in attributes["objects"]]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"attributes: expected {{'objects': [{{colour, shape, size}}, ...]}}, got {attributes!r}") from e
+        raise ValueError(f"attributes: expected {{'objects': [{{colour, shape, size}}, ...]}}, "
+                         f"got {attributes!r}") from e
     for obj in objs:
         for attr, value in zip(ATTRIBUTES, obj, strict=True):
             if value not in _VOCAB[attr]:
@@ -80,14 +82,16 @@ def canonical_scene(attributes: dict) -> Scene:
     if len(objs) == 1:
         position = attributes["objects"][0].get("position")
         if position not in shapes.POSITIONS:
-            raise ValueError(f"attributes: a single object needs a position in {shapes.POSITIONS}, got {position!r}")
+            raise ValueError(f"attributes: a single object needs a position in {shapes.POSITIONS}, "
+                             f"got {position!r}")
         return Scene(position, tuple(objs))
     if len(objs) == 2:
         relation = attributes.get("relation")
         order = {"above": ("vertical", 0), "below": ("vertical", 1),
                  "to the left of": ("horizontal", 0), "to the right of": ("horizontal", 1)}.get(relation)
         if order is None:
-            raise ValueError(f"attributes: two objects need a relation in {shapes.RELATIONS}, got {relation!r}")
+            raise ValueError(f"attributes: two objects need a relation in {shapes.RELATIONS}, "
+                             f"got {relation!r}")
         layout, flip = order
         return Scene(layout, tuple(objs[::-1] if flip else objs))
     if len(objs) == 3:
@@ -108,7 +112,8 @@ def caption_attributes(caption: str) -> dict:
     text = " ".join(str(caption).lower().replace(" ,", ",").split()).rstrip(".").strip()
 
     def objects(groups: tuple[str, ...]) -> list[dict]:
-        return [{"colour": groups[i + 1], "shape": groups[i + 2], "size": groups[i]} for i in range(0, len(groups), 3)]
+        return [{"colour": groups[i + 1], "shape": groups[i + 2], "size": groups[i]}
+                for i in range(0, len(groups), 3)]
 
     if m := _ONE.match(text):
         objs = objects(m.groups()[:3])
@@ -119,8 +124,10 @@ def caption_attributes(caption: str) -> dict:
         return {"objects": objects(g[:3] + g[4:]), "relation": g[3], "num_objects": 2}
     if m := _THREE.match(text):
         return {"objects": objects(m.groups()), "relation": None, "num_objects": 3}
-    raise ValueError(f"caption {caption!r} is not in the shapes grammar (e.g. 'a small red circle on the left', "
-                     "'a large blue square above a small green triangle', 'a small red circle, a large blue square "
+    raise ValueError(f"caption {caption!r} is not in the shapes grammar "
+                     "(e.g. 'a small red circle on the left', "
+                     "'a large blue square above a small green triangle', "
+                     "'a small red circle, a large blue square "
                      "and a small green triangle')")
 
 
@@ -141,7 +148,8 @@ def score_labels(predicted: np.ndarray, target: np.ndarray) -> dict:
     object count); by_objects: caption accuracy per caption object count."""
     predicted, target = np.asarray(predicted), np.asarray(target)
     if predicted.shape != target.shape or predicted.ndim != 2 or predicted.shape[1] != NUM_LABELS:
-        raise ValueError(f"expected two (N, {NUM_LABELS}) label arrays, got {predicted.shape} and {target.shape}")
+        raise ValueError(f"expected two (N, {NUM_LABELS}) label arrays, "
+                         f"got {predicted.shape} and {target.shape}")
     count = layout_count(target[:, 0])  # (N,)
     named = np.arange(MAX_OBJECTS)[None, :] < count[:, None]  # (N, 3) slots the caption names
     right = (predicted == target)[:, 1:].reshape(-1, MAX_OBJECTS, 3)  # (N, slot, attribute)
@@ -152,7 +160,8 @@ def score_labels(predicted: np.ndarray, target: np.ndarray) -> dict:
         out[attr] = _mean(right[:, :, a][named])
     out["layout"] = _mean(layout_ok)
     out["count"] = _mean(layout_count(predicted[:, 0]) == count)
-    out["by_objects"] = {str(k): {"n": int((count == k).sum()), "caption_accuracy": _mean(caption_ok[count == k])}
+    out["by_objects"] = {str(k): {"n": int((count == k).sum()),
+                                  "caption_accuracy": _mean(caption_ok[count == k])}
                          for k in range(1, MAX_OBJECTS + 1) if (count == k).any()}
     return out
 
