@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tessera.viz import png_bytes
+
 # Skip reasons, in the order they are checked; the manifest counts samples under these names.
 REASONS: dict[str, str] = {
     "truncated_shard": "a tar shard ended early or is not a tar; samples before the damage were kept",
@@ -162,10 +164,10 @@ def process_image(data: bytes | None, rules: Rules) -> tuple[bytes | None, tuple
 
 
 def encode_image(im: Image.Image, rules: Rules) -> bytes:
-    buf = io.BytesIO()
     if rules.image_format == "png":
-        im.save(buf, format="PNG", compress_level=6)
-    elif rules.image_format == "jpg":
+        return png_bytes(im, compress_level=6)
+    buf = io.BytesIO()
+    if rules.image_format == "jpg":
         im.save(buf, format="JPEG", quality=rules.jpeg_quality, subsampling=0)
     else:
         im.save(buf, format="WEBP", quality=rules.jpeg_quality, method=4)
