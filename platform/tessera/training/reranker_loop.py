@@ -108,7 +108,7 @@ class RerankerStage(Stage):
         return f"batch acc {m['accuracy']:.0%} logit scale {m['logit_scale']:.1f}"
 
     def progress_eval(self, m: dict) -> str:
-        return retrieval_summary(m) if "val_pairs" in m else ""
+        return self.summary(m)
 
     @classmethod
     def summary(cls, m: dict) -> str:
