@@ -178,3 +178,155 @@ def test_held_out_pairs_are_checked_before_prepare_starts(held_out, words, tmp_p
     with pytest.raises(ConfigError, match=f"data.source.shapes.held_out: .*{words}"):
         preflight(cfg)
     assert not (tmp_path / "data").exists()
+
+
+def _generation_dir(out: Path) -> Path:
+    [gen] = [p for p in out.iterdir() if p.name.startswith("gen-")]
+    return gen
+
+
+def test_a_killed_worker_then_a_rerun_reads_only_the_unfinished_inputs(ray_cluster, tmp_path, monkeypatch):
+    """A worker dies (os._exit) while reading input 4 of 6 and the job stops; the rerun resumes the
+    same generation and reads only input 4. The finished inputs are overwritten with garbage before
+    the rerun: had it read them, it would count unreadable or truncated shards and lose samples."""
+    from corpus import good_samples, tar_bytes
+
+    from tessera.data.prepare import FAULT_ENV
+
+    good = good_samples(72)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i:05d}.tar").write_bytes(tar_bytes(good[12 * i:12 * (i + 1)]))
+    reference = run_prepare(corpus_config(str(src), str(tmp_path / "ref"), "webdataset"))
+
+    out = tmp_path / "out"
+    cfg = corpus_config(str(src), str(out), "webdataset", "data.task_retries=0")
+    monkeypatch.setenv(FAULT_ENV, "exit:4")
+    with pytest.raises(RuntimeError, match=r"00004\.tar failed .*5 of 6 inputs are finished"):
+        run_prepare(cfg)
+    assert not (out / "manifest.json").exists()
+    gen = _generation_dir(out)
+    markers = {p.name: json.loads(p.read_text()) for p in (gen / "parts").glob("*.json")}
+    assert sorted(markers) == [f"{u:06d}.json" for u in (0, 1, 2, 3, 5)]
+    first_run = {m["run"] for m in markers.values()}
+    assert len(first_run) == 1
+    for u in (0, 1, 2, 3, 5):
+        (src / f"{u:05d}.tar").write_bytes(b"garbage: this input must not be read again" * 50)
+
+    monkeypatch.delenv(FAULT_ENV)
+    manifest = run_prepare(cfg)
+    assert manifest["generation"] == gen.name
+    assert {k: manifest["work"][k] for k in ("units", "reused_units", "processed_units")} == \
+        {"units": 6, "reused_units": 5, "processed_units": 1}
+    assert not any(manifest["skipped"].values()) and manifest["kept_samples"] == 72
+    # The same dataset as an uninterrupted run, byte for byte.
+    for split, info in reference["splits"].items():
+        assert [s["num_samples"] for s in manifest["splits"][split]["shards"]] == \
+            [s["num_samples"] for s in info["shards"]]
+        for mine, theirs in zip(manifest["splits"][split]["shards"], info["shards"], strict=True):
+            assert (out / mine["path"]).read_bytes() == (tmp_path / "ref" / theirs["path"]).read_bytes()
+    assert not (gen / "parts").exists() and not (gen / "drops").exists()
+
+
+def test_resuming_needs_the_same_inputs_and_settings(ray_cluster, tmp_path, monkeypatch):
+    """An unfinished generation made with other data settings is not resumed but cleared."""
+    from corpus import good_samples, tar_bytes
+
+    from tessera.data.prepare import FAULT_ENV
+
+    good = good_samples(24)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i:05d}.tar").write_bytes(tar_bytes(good[8 * i:8 * (i + 1)]))
+    out = tmp_path / "out"
+    monkeypatch.setenv(FAULT_ENV, "exit:2")
+    with pytest.raises(RuntimeError, match="2 of 3 inputs"):
+        run_prepare(corpus_config(str(src), str(out), "webdataset", "data.task_retries=0"))
+    stale = _generation_dir(out).name
+    monkeypatch.delenv(FAULT_ENV)
+    manifest = run_prepare(corpus_config(str(src), str(out), "webdataset", "data.resolution=16"))
+    assert manifest["generation"] != stale and manifest["work"]["reused_units"] == 0
+    assert [p.name for p in out.iterdir() if p.name.startswith("gen-")] == [manifest["generation"]]
+
+
+def test_the_first_of_a_repeated_key_in_input_order_is_kept_and_shards_span_inputs(ray_cluster, tmp_path):
+    """Duplicates found by the key-only pass, whichever input finishes first: the sample kept is the
+    one earliest in input order (file, then position). Shards of 5 are cut across inputs."""
+    from corpus import good_samples, tar_bytes
+
+    good = good_samples(40)
+
+    def dup(caption: str):
+        key, files = good_samples(1, prefix="dup")[0]
+        return key, dict(files, txt=caption.encode())
+
+    src = tmp_path / "in"
+    src.mkdir()
+    files = [good[0:9] + [dup("the first dup")], good[9:18], good[18:27] + [dup("second"), dup("third")],
+             [dup("fourth")] + good[27:40], good[0:2]]
+    for i, samples in enumerate(files):
+        (src / f"{i:05d}.tar").write_bytes(tar_bytes(samples))
+    cfg = corpus_config(str(src), str(tmp_path / "out"), "webdataset", "data.samples_per_shard=5",
+                        "data.val_fraction=0")
+    manifest = run_prepare(cfg)
+    assert {k: v for k, v in manifest["skipped"].items() if v} == {"duplicate_key": 5}
+    out = read_output(str(tmp_path / "out"), manifest)
+    keys = [k for k, _ in out["train"]]
+    assert keys == [k for k, _ in good[:9]] + ["dup-00000"] + [k for k, _ in good[9:]]  # input order
+    assert dict(out["train"])["dup-00000"]["txt"] == b"the first dup"
+    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [5] * 8 + [1]
+
+
+def _grid_image(seed: int, side: int, fmt: str, quality: int = 90) -> bytes:
+    """An 8x8 grid of random grey levels: structure a perceptual hash sees at any scale."""
+    import numpy as np
+    from PIL import Image
+
+    cells = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
+    im = Image.fromarray(cells, "L").convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_near_duplicate_images_are_skipped_only_when_asked(ray_cluster, tmp_path):
+    """Copies of an image re-encoded (JPEG quality 60 and 75) or rescaled (96 -> 128 px) under other
+    keys are near duplicates: with data.near_duplicates=dhash only the first is kept. Their hashes
+    differ from the original's in 0-3 bits (checked below), within the default 4."""
+    from corpus import tar_bytes
+
+    from tessera.data.preprocess import Rules, dhash, process_image
+
+    def sample(key, data, ext):
+        return key, {ext: data, "txt": f"picture {key}".encode()}
+
+    originals = [sample(f"img-{s}", _grid_image(s, 96, "PNG"), "png") for s in range(6)]
+    copies = [sample("copy-a", _grid_image(0, 96, "JPEG", quality=60), "jpg"),
+              sample("copy-b", _grid_image(0, 120, "JPEG"), "jpg"),
+              sample("copy-c", _grid_image(3, 128, "JPEG", quality=75), "jpg")]
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "00000.tar").write_bytes(tar_bytes(originals[:3] + copies[:1]))
+    (src / "00001.tar").write_bytes(tar_bytes(copies[1:] + originals[3:]))
+    assert len({dhash(files["png"]) for _, files in originals}) == 6
+    rules = Rules(resolution=32)
+
+    def bits(a: bytes, b: bytes) -> int:
+        return bin((dhash(process_image(a, rules)[0]) ^ dhash(process_image(b, rules)[0])) % 2**64).count("1")
+
+    assert [bits(originals[s][1]["png"], c[1]["jpg"]) for s, c in zip((0, 0, 3), copies, strict=True)] == \
+        [0, 0, 3] and min(bits(a[1]["png"], b[1]["png"]) for a in originals for b in originals if a != b) > 8
+
+    def prepared(out: str, *extra: str) -> tuple[dict, list[str]]:
+        m = run_prepare(corpus_config(str(src), str(tmp_path / out), "webdataset", "data.val_fraction=0",
+                                      *extra))
+        return m, [k for k, _ in read_output(str(tmp_path / out), m)["train"]]
+
+    m, keys = prepared("off")
+    assert len(keys) == 9 and m["skipped"]["near_duplicate"] == 0
+    m, keys = prepared("on", "data.near_duplicates=dhash")
+    assert m["skipped"]["near_duplicate"] == 3
+    # The first of each image in input order: copy-c comes before img-3, its original.
+    assert keys == ["img-0", "img-1", "img-2", "copy-c", "img-4", "img-5"]

@@ -71,15 +71,24 @@ def read(folder: str, kind: str, *, what: str, produced_by: str,
     return manifest
 
 
-def clear_unpublished_generations(folder: str, options: storage.StorageOptions, keep: str | None) -> None:
-    """Delete the generation folders under `folder` except `keep`."""
+def generation_names(folder: str, options: storage.StorageOptions | None = None) -> list[str]:
+    """The generation folders under `folder`, oldest first (their names are time-ordered)."""
     import pyarrow.fs as pafs
 
     fs, root = storage.resolve(folder, options)
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name.startswith("gen-") and name != keep:
-            fs.delete_dir(info.path)
+    names = [info.path.rstrip("/").rsplit("/", 1)[-1]
+             for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if info.type == pafs.FileType.Directory]
+    return sorted(n for n in names if n.startswith("gen-"))
+
+
+def clear_unpublished_generations(folder: str, options: storage.StorageOptions,
+                                  keep: str | None | list[str | None]) -> None:
+    """Delete the generation folders under `folder` except `keep` (one name or several)."""
+    kept = set(keep) if isinstance(keep, list) else {keep}
+    for name in generation_names(folder, options):
+        if name not in kept:
+            storage.remove_tree(storage.join(folder, name), options)
 
 
 def publish(folder: str, manifest: dict, options: storage.StorageOptions, old: dict | None) -> None:

@@ -293,5 +293,17 @@ def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> Non
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n", options)
 
 
+def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a folder/prefix and everything under it; nothing there is not an error."""
+    fs, path = resolve(uri, options)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(_explain(uri, e)) from None
+
+
 def unique_suffix() -> str:
     return uuid.uuid4().hex[:12]
