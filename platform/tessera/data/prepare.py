@@ -177,6 +177,16 @@ def process_unit(unit: dict, *, kind: str, src_cfg, rules: preprocess.Rules, gen
     return marker
 
 
+def read_part(uri: str, opts: storage.StorageOptions, *, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file written by this job; only the named columns' bytes are read (ranged reads
+    on object stores), so the key and caption passes never read an image."""
+    fs, path = storage.resolve(uri, opts)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except OSError as e:
+        raise storage.StorageError(f"{uri}: cannot read ({e})") from None
+
+
 def _bucket_of(values: pa.ChunkedArray, partitions: int) -> pa.Array:
     if pa.types.is_integer(values.type):
         return pc.cast(pc.modulo(values, partitions), pa.int32())  # sign of the divisor: >= 0
@@ -203,7 +213,7 @@ def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int,
     With max_bits (perceptual hashes), one row per band of the hash, carrying the whole hash."""
     tables = []
     for unit, split, uri in parts:
-        t = pq.read_table(pa.BufferReader(storage.read_bytes(uri, opts)), columns=[column, "order"])
+        t = read_part(uri, opts, columns=[column, "order"])
         gone = _dropped_orders(exclude.get(unit, []), split, opts)
         if gone is not None:
             t = t.filter(pc.invert(pc.is_in(t.column("order"), value_set=gone)))
@@ -271,7 +281,7 @@ def count_drops(files: dict[int, list[str]], *, opts: storage.StorageOptions) ->
     """(unit, split, rows) dropped, each row once however many drop files name it."""
     counts = []
     for unit, uris in files.items():
-        t = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(u, opts))) for u in uris])
+        t = pa.concat_tables([read_part(u, opts) for u in uris])
         t = t.group_by(["split", "order"]).aggregate([])
         counts += [(unit, c["values"], c["counts"]) for c in pc.value_counts(t.column("split")).to_pylist()]
     return counts
@@ -282,7 +292,7 @@ def _dropped_orders(drop_uris: list[str], split: str, opts: storage.StorageOptio
         return None
     orders = []
     for uri in drop_uris:
-        t = pq.read_table(pa.BufferReader(storage.read_bytes(uri, opts)))
+        t = read_part(uri, opts)
         orders.append(t.filter(pc.equal(t.column("split"), split)).column("order").combine_chunks())
     return pa.concat_arrays(orders)
 
@@ -298,8 +308,7 @@ def write_shards(shards: list[tuple[str, list[tuple[int, int, int]]]], *, split:
         samples = []
         for unit, start, stop in slices:
             if cached is None or cached[0] != unit:
-                t = pq.read_table(pa.BufferReader(storage.read_bytes(parts[unit], opts)),
-                                  columns=["key", "order", "image", "caption", "meta"])
+                t = read_part(parts[unit], opts, columns=["key", "order", "image", "caption", "meta"])
                 gone = _dropped_orders(drops.get(unit, []), split, opts)
                 if gone is not None:
                     t = t.filter(pc.invert(pc.is_in(t.column("order"), value_set=gone)))
@@ -320,8 +329,7 @@ def tokenizer_from_parts(part_uris: list[str], *, limit: int, vocab_size: int, m
     def captions() -> Iterator[str]:
         n = 0
         for uri in part_uris:
-            for c in pq.read_table(pa.BufferReader(storage.read_bytes(uri, opts)),
-                                   columns=["caption"]).column("caption").to_pylist():
+            for c in read_part(uri, opts, columns=["caption"]).column("caption").to_pylist():
                 if n >= limit:
                     return
                 n += 1
