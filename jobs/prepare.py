@@ -14,11 +14,15 @@ from _common import job_main  # noqa: I001  (jobs/ is the script folder, on sys.
 
 def main(cfg) -> int:
     from tessera.cluster import init_ray
-    from tessera.data.prepare import preflight, run_prepare, summarize
+    from tessera.data.prepare import PrepareStopped, preflight, run_prepare, summarize
 
     preflight(cfg)  # bad inputs/outputs fail here, before a Ray cluster is started
     init_ray(cfg.ray)
-    manifest = run_prepare(cfg)
+    try:
+        manifest = run_prepare(cfg)
+    except PrepareStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summarize(manifest))
     print(f"manifest: {cfg.paths.data.rstrip('/')}/manifest.json")
     return 0

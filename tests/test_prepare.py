@@ -330,3 +330,44 @@ def test_near_duplicate_images_are_skipped_only_when_asked(ray_cluster, tmp_path
     assert m["skipped"]["near_duplicate"] == 3
     # The first of each image in input order: copy-c comes before img-3, its original.
     assert keys == ["img-0", "img-1", "img-2", "copy-c", "img-4", "img-5"]
+
+
+def test_a_killed_driver_then_a_rerun_reads_only_the_unfinished_inputs(ray_cluster, tmp_path):
+    """The job's driver (`python jobs/prepare.py` on the running cluster) is killed with SIGKILL
+    while input 3 of 5 is still being read; Ray ends that driver's tasks, and the rerun processes
+    input 3 only."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from corpus import good_samples, tar_bytes
+
+    from tessera.data.prepare import FAULT_ENV
+
+    good = good_samples(50)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i:05d}.tar").write_bytes(tar_bytes(good[10 * i:10 * (i + 1)]))
+    out = tmp_path / "out"
+    sets = ["data.source.kind=webdataset", f"data.source.uri={src}", f"data.output_uri={out}",
+            "data.resolution=32", "tokenizer.vocab_size=300", "tokenizer.min_frequency=1"]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, **{FAULT_ENV: "sleep:3"})
+    driver = subprocess.Popen([sys.executable, "jobs/prepare.py", "--config", "debug",
+                               *(a for s in sets for a in ("--set", s))], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(list(out.glob("gen-*/parts/*.json"))) < 4:
+            assert driver.poll() is None and time.time() < deadline, "the driver ended before input 3"
+            time.sleep(0.2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    gen = _generation_dir(out)
+    assert sorted(p.name for p in (gen / "parts").glob("*.json")) == [f"{u:06d}.json" for u in (0, 1, 2, 4)]
+
+    manifest = run_prepare(load_config("debug", sets))
+    assert manifest["generation"] == gen.name and manifest["kept_samples"] == 50
+    assert (manifest["work"]["reused_units"], manifest["work"]["processed_units"]) == (4, 1)

@@ -2,17 +2,17 @@
 manifest.json, streamed through Ray tasks at any input size.
 
     input unit ─(one task: read, process, write)─▶ parts/{unit}-{split}.parquet, then {unit}.json
-    part keys ─(hash-partitioned, keys only)─▶ drops/ (every later occurrence of a key)
+    part keys ─(hash-partitioned via shuffle/, keys only)─▶ drops/ (every later occurrence of a key)
     part counts − drops ─plan_shards─▶ exact-size shards, one task per run of consecutive shards
     train captions (bounded sample) ─▶ tokenizer ─▶ manifest (written last)
 
 A unit is one input file (or a range of procedural shapes). Its task holds one unit's resized
-images and writes them to storage, so the object store carries only keys and small results
-whatever the input size, and the driver only per-unit counts. A unit is finished when its
-`{unit}.json` marker exists (written after its parts): a prepare that dies part-way and is run
-again with the same inputs and data settings resumes in the same unpublished generation and reads
-only the inputs without a marker. Parts are the shards' raw material; they are deleted once the
-manifest is written.
+images and writes them to storage; keys travel between tasks through storage too, so the object
+store holds only small results and the driver only per-unit counts, whatever the input size.
+A unit is finished when its `{unit}.json` marker exists (written after its parts): a prepare that
+dies part-way and is run again with the same inputs and data settings resumes in the same
+unpublished generation and reads only the inputs without a marker. Parts, drops and shuffle files
+are the shards' raw material; they are deleted once the manifest is written.
 
 A dataset is published by its manifest. Shards of one run live in their own generation folder,
 so re-preparing into the same URI never touches the dataset a manifest already points to until
@@ -52,7 +52,8 @@ RUN_SPEC = "prepare.json"  # in a generation folder: what it is being prepared f
 PARTS_FORMAT = 1  # bump when the part files change, so an old unfinished generation is not resumed
 SHAPES_PER_UNIT = 500
 PARTS_PER_KEY_TASK = 16
-# Set by tests: "exit:<unit>" makes that unit's task kill its worker (os._exit) after reading.
+# Set by tests: "exit:<unit>" makes that unit's task kill its worker (os._exit) after reading,
+# "sleep:<unit>" holds it for 10 minutes (the test kills the driver meanwhile).
 FAULT_ENV = "TESSERA_PREPARE_FAULT"
 
 PART_SCHEMA = pa.schema([
@@ -63,6 +64,10 @@ PART_SCHEMA = pa.schema([
     ("meta", pa.string()),
     ("dhash", pa.int64()),  # null unless data.near_duplicates is "dhash"
 ])
+
+
+class PrepareStopped(RuntimeError):
+    """An input's task failed (after data.task_retries); the finished inputs are kept for a rerun."""
 
 
 def _options(cfg: TesseraConfig) -> storage.StorageOptions:
@@ -152,6 +157,8 @@ def process_unit(unit: dict, *, kind: str, src_cfg, rules: preprocess.Rules, gen
     for raw in _raw_tables(unit, kind=kind, opts=opts, src_cfg=src_cfg):
         if fault == f"exit:{unit['unit']}":
             os._exit(3)  # a worker dying mid-unit, for the resume tests
+        if fault == f"sleep:{unit['unit']}":
+            time.sleep(600)  # a unit still running when the test kills the driver
         table = preprocess.process_table(raw, rules)
         for c in pc.value_counts(table.column("reason")).to_pylist():
             if c["values"]:
@@ -205,12 +212,14 @@ def hash_bands(hashes: np.ndarray, max_bits: int) -> list[np.ndarray]:
     return out
 
 
-def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int,
+def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int, out_uri: str,
              exclude: dict[int, list[str]], opts: storage.StorageOptions,
-             max_bits: int | None = None) -> list[pa.Table] | pa.Table:
+             max_bits: int | None = None) -> list[tuple[int, str]]:
     """Keys only: (value, order, unit, split) of each part's rows, minus rows already dropped,
-    split into `partitions` tables by a hash of the value (one table when partitions == 1).
-    With max_bits (perceptual hashes), one row per band of the hash, carrying the whole hash."""
+    split into `partitions` files by a hash of the value; returns (partition, file URI) of each
+    file written. With max_bits (perceptual hashes), one row per band of the hash, carrying the
+    whole hash. The files go to storage, not the object store, so that holds nothing that grows
+    with the input."""
     tables = []
     for unit, split, uri in parts:
         t = read_part(uri, opts, columns=[column, "order"])
@@ -227,10 +236,17 @@ def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int,
         bands = hash_bands(full, max_bits)
         whole = pa.concat_tables([whole.set_column(0, "value", pa.array(band))
                                   .append_column("hash", pa.array(full)) for band in bands])
-    if partitions == 1:
-        return whole
-    bucket = _bucket_of(whole.column("value"), partitions)
-    return [whole.filter(pc.equal(bucket, p)) for p in range(partitions)]
+    bucket = _bucket_of(whole.column("value"), partitions) if partitions > 1 else None
+    written = []
+    for p in range(partitions):
+        mine = whole if bucket is None else whole.filter(pc.equal(bucket, p))
+        if mine.num_rows:
+            buf = pa.BufferOutputStream()
+            pq.write_table(mine, buf)
+            uri = storage.join(out_uri, f"p{p:04d}-{parts[0][0]:06d}.parquet")
+            storage.write_bytes(uri, buf.getvalue().to_pybytes(), opts)
+            written.append((p, uri))
+    return written
 
 
 def _near_repeats(values: np.ndarray, hashes: np.ndarray, same: np.ndarray, max_bits: int) -> np.ndarray:
@@ -248,17 +264,17 @@ def _near_repeats(values: np.ndarray, hashes: np.ndarray, same: np.ndarray, max_
     return out
 
 
-def reduce_keys(partition: int, *tables: pa.Table, reason: str, drops_uri: str,
+def reduce_keys(partition: int, uris: list[str], *, reason: str, drops_uri: str,
                 opts: storage.StorageOptions, max_bits: int | None = None) -> list[tuple[int, str, int]]:
     """One hash partition: every occurrence of a value after its first (lowest input order) is
     dropped. With a "hash" column (banded perceptual hashes, see map_keys), a row is dropped when
     its whole hash is within max_bits bits of an earlier row's that shares the band. Writes the
     drops per unit; returns (unit, split, count) per unit and split (in band mode a row found in
     several bands is counted by each partition that found it)."""
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
+    if not uris:
         return []
-    t = pa.concat_tables(tables).sort_by([("value", "ascending"), ("order", "ascending")])
+    t = pa.concat_tables([read_part(u, opts) for u in uris])
+    t = t.sort_by([("value", "ascending"), ("order", "ascending")])
     values = t.column("value").combine_chunks()
     repeat = pc.equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
     if "hash" in t.column_names:
@@ -383,7 +399,7 @@ class _Prepare:
         parts = {s: {u: _part_uri(gen_uri, u, s) for u, n in enumerate(kept[s]) if n} for s in SPLITS}
 
         # Later passes are cheap next to decoding; a resumed run redoes them from the parts.
-        for folder in ("drops", *SPLITS):
+        for folder in ("drops", "shuffle", *SPLITS):
             storage.remove_tree(storage.join(gen_uri, folder), opts)
         drops_uri = storage.join(gen_uri, "drops")
         columns: list[tuple[str, str, int | None]] = [("key", "duplicate_key", None)]
@@ -393,7 +409,8 @@ class _Prepare:
         drop_files: dict[int, list[str]] = {}
         for column, reason, max_bits in columns:
             counts = self._dedup(parts, rows=sum(map(sum, kept.values())), column=column, reason=reason,
-                                 drops_uri=drops_uri, exclude=drop_files, max_bits=max_bits)
+                                 drops_uri=drops_uri, shuffle_uri=storage.join(gen_uri, "shuffle", reason),
+                                 exclude=drop_files, max_bits=max_bits)
             reasons[reason] = sum(n for _, _, n in counts)
             for unit, split, n in counts:
                 dropped[split][unit] += n
@@ -414,7 +431,7 @@ class _Prepare:
 
         manifest = self._manifest(generation, splits, reasons, tok_json, time.time() - started)
         published.publish(cfg.paths.data, manifest, opts, self.old)
-        for folder in ("parts", "drops"):  # the shards' raw material; the manifest does not list it
+        for folder in ("parts", "drops", "shuffle"):  # the shards' raw material, not in the manifest
             storage.remove_tree(storage.join(gen_uri, folder), opts)
         return manifest
 
@@ -437,7 +454,7 @@ class _Prepare:
                 resume = name
         published.clear_unpublished_generations(cfg.paths.data, opts, keep=[published_gen, resume])
         if published_gen:  # raw material a run that died right after publishing left behind
-            for folder in ("parts", "drops"):
+            for folder in ("parts", "drops", "shuffle"):
                 storage.remove_tree(storage.join(cfg.paths.data, published_gen, folder), opts)
         if resume is not None:
             log.info("resuming the unfinished generation %s", resume)
@@ -511,14 +528,15 @@ class _Prepare:
                          samples / max(1e-9, time.time() - started))
         if failure is not None:
             unit, err = failure
-            raise RuntimeError(
+            raise PrepareStopped(
                 f"prepare stopped: input {unit['input']} failed ({type(err).__name__}: {str(err)[:300]}). "
                 f"{len(finished)} of {len(self.units)} inputs are finished in this generation; run the "
                 f"same prepare again to process only the rest.") from err
         return [finished[u["unit"]] for u in self.units]
 
-    def _dedup(self, parts: dict[str, dict[int, str]], *, rows: int, column: str, reason: str, drops_uri: str,
-               exclude: dict[int, list[str]], max_bits: int | None) -> list[tuple[int, str, int]]:
+    def _dedup(self, parts: dict[str, dict[int, str]], *, rows: int, column: str, reason: str,
+               drops_uri: str, shuffle_uri: str, exclude: dict[int, list[str]],
+               max_bits: int | None) -> list[tuple[int, str, int]]:
         """Stage 2: a hash-partitioned pass over `column` only; every later occurrence dropped
         (with max_bits: every row within max_bits bits of an earlier row's perceptual hash)."""
         import ray
@@ -529,18 +547,20 @@ class _Prepare:
         # Enough partitions to use the cluster and keep each under ~250 k keys.
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions = max(1, min(256, len(listed), max(cpus, -(-rows // 250_000))))
-        mapper = ray.remote(num_cpus=1, num_returns=partitions,
-                            max_retries=self.cfg.data.task_retries)(map_keys)
+        mapper = ray.remote(num_cpus=1, max_retries=self.cfg.data.task_retries)(map_keys)
         reducer = ray.remote(num_cpus=1, max_retries=self.cfg.data.task_retries)(reduce_keys)
         outs = []
         for i in range(0, len(listed), PARTS_PER_KEY_TASK):
             chunk = listed[i:i + PARTS_PER_KEY_TASK]
             ex = {u: exclude[u] for u, _, _ in chunk if u in exclude}
-            out = mapper.remote(chunk, column=column, partitions=partitions, exclude=ex, opts=self.opts,
-                                max_bits=max_bits)
-            outs.append(out if partitions > 1 else [out])
-        counts = ray.get([reducer.remote(p, *(o[p] for o in outs), reason=reason, drops_uri=drops_uri,
-                                         opts=self.opts, max_bits=max_bits) for p in range(partitions)])
+            outs.append(mapper.remote(chunk, column=column, partitions=partitions, out_uri=shuffle_uri,
+                                      exclude=ex, opts=self.opts, max_bits=max_bits))
+        files: dict[int, list[str]] = {p: [] for p in range(partitions)}
+        for written in ray.get(outs):
+            for p, uri in written:
+                files[p].append(uri)
+        counts = ray.get([reducer.remote(p, files[p], reason=reason, drops_uri=drops_uri, opts=self.opts,
+                                         max_bits=max_bits) for p in range(partitions)])
         if max_bits is not None:  # one row can be found in several bands, so in several partitions
             files = {u: [f for f in found if f"/{reason}/" in f]
                      for u, found in self._drop_files(drops_uri).items()}
