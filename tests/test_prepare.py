@@ -279,22 +279,30 @@ def test_the_first_of_a_repeated_key_in_input_order_is_kept_and_shards_span_inpu
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [5] * 8 + [1]
 
 
-def _grid_image(seed: int, side: int, fmt: str, quality: int = 90) -> bytes:
-    """An 8x8 grid of random grey levels: structure a perceptual hash sees at any scale."""
+def _grid_image(seed: int, side: int, fmt: str, quality: int = 90, hue_seed: int | None = None) -> bytes:
+    """An 8x8 grid of random grey levels: structure a perceptual hash sees at any scale. With
+    hue_seed, each cell gets a random colour of (about) the same brightness: a lookalike in grey."""
     import numpy as np
     from PIL import Image
 
-    cells = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
-    im = Image.fromarray(cells, "L").convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+    cells = np.random.default_rng(seed).integers(0, 256, (8, 8)).astype(float)
+    rgb = np.stack([cells] * 3, -1)
+    if hue_seed is not None:
+        rng = np.random.default_rng(hue_seed)
+        r, b = (np.clip(cells + rng.uniform(-80, 80, cells.shape), 0, 255) for _ in range(2))
+        rgb = np.stack([r, np.clip((cells - 0.299 * r - 0.114 * b) / 0.587, 0, 255), b], -1)
+    im = Image.fromarray(rgb.astype(np.uint8), "RGB").resize((side, side), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
 def test_near_duplicate_images_are_skipped_only_when_asked(ray_cluster, tmp_path):
-    """Copies of an image re-encoded (JPEG quality 60 and 75) or rescaled (96 -> 128 px) under other
-    keys are near duplicates: with data.near_duplicates=dhash only the first is kept. Their hashes
-    differ from the original's in 0-3 bits (checked below), within the default 4."""
+    """Copies of an image re-encoded (JPEG quality 60 and 75) or rescaled (96 -> 120, 128 px) under
+    other keys are near duplicates: with data.near_duplicates=dhash only the first is kept. A
+    lookalike (the same brightness layout in other colours) shares the grey hash, so it is a
+    candidate, but its colour hash differs in more than the default 20 bits: it stays."""
+    import numpy as np
     from corpus import tar_bytes
 
     from tessera.data.preprocess import Rules, dhash, process_image
@@ -306,18 +314,22 @@ def test_near_duplicate_images_are_skipped_only_when_asked(ray_cluster, tmp_path
     copies = [sample("copy-a", _grid_image(0, 96, "JPEG", quality=60), "jpg"),
               sample("copy-b", _grid_image(0, 120, "JPEG"), "jpg"),
               sample("copy-c", _grid_image(3, 128, "JPEG", quality=75), "jpg")]
+    lookalike = sample("lookalike", _grid_image(1, 96, "PNG", hue_seed=0), "png")
     src = tmp_path / "in"
     src.mkdir()
     (src / "00000.tar").write_bytes(tar_bytes(originals[:3] + copies[:1]))
-    (src / "00001.tar").write_bytes(tar_bytes(copies[1:] + originals[3:]))
-    assert len({dhash(files["png"]) for _, files in originals}) == 6
+    (src / "00001.tar").write_bytes(tar_bytes(copies[1:] + [lookalike] + originals[3:]))
     rules = Rules(resolution=32)
 
-    def bits(a: bytes, b: bytes) -> int:
-        return bin((dhash(process_image(a, rules)[0]) ^ dhash(process_image(b, rules)[0])) % 2**64).count("1")
+    def bits(a: tuple, b: tuple) -> tuple[int, int]:
+        """(grey, colour) hash bits that differ between two samples after resizing."""
+        (ga, ca), (gb, cb) = (dhash(process_image(next(iter(x[1].values())), rules)[0]) for x in (a, b))
+        return bin((ga ^ gb) % 2**64).count("1"), int(np.unpackbits(np.frombuffer(ca, np.uint8) ^
+                                                                     np.frombuffer(cb, np.uint8)).sum())
 
-    assert [bits(originals[s][1]["png"], c[1]["jpg"]) for s, c in zip((0, 0, 3), copies, strict=True)] == \
-        [0, 0, 3] and min(bits(a[1]["png"], b[1]["png"]) for a in originals for b in originals if a != b) > 8
+    assert [bits(originals[s], c) for s, c in zip((0, 0, 3), copies, strict=True)] == [(0, 0), (0, 0), (1, 3)]
+    assert bits(originals[1], lookalike) == (1, 29)
+    assert min(bits(a, b)[0] for a in originals for b in originals if a != b) > 8
 
     def prepared(out: str, *extra: str) -> tuple[dict, list[str]]:
         m = run_prepare(corpus_config(str(src), str(tmp_path / out), "webdataset", "data.val_fraction=0",
@@ -325,11 +337,13 @@ def test_near_duplicate_images_are_skipped_only_when_asked(ray_cluster, tmp_path
         return m, [k for k, _ in read_output(str(tmp_path / out), m)["train"]]
 
     m, keys = prepared("off")
-    assert len(keys) == 9 and m["skipped"]["near_duplicate"] == 0
+    assert len(keys) == 10 and m["skipped"]["near_duplicate"] == 0
     m, keys = prepared("on", "data.near_duplicates=dhash")
     assert m["skipped"]["near_duplicate"] == 3
     # The first of each image in input order: copy-c comes before img-3, its original.
-    assert keys == ["img-0", "img-1", "img-2", "copy-c", "img-4", "img-5"]
+    assert keys == ["img-0", "img-1", "img-2", "copy-c", "lookalike", "img-4", "img-5"]
+    m, keys = prepared("strict", "data.near_duplicates=dhash", "data.near_duplicate_bits=2")
+    assert m["skipped"]["near_duplicate"] == 2 and "copy-c" in keys and "img-3" in keys
 
 
 def test_a_killed_driver_then_a_rerun_reads_only_the_unfinished_inputs(ray_cluster, tmp_path):

@@ -115,11 +115,11 @@ class DataConfig(Section):
     samples_per_shard: int = Field(1_000, ge=1)
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     split_seed: int = 0
-    # "dhash": skip an image whose perceptual hash (64-bit dHash of the resized image) is within
-    # near_duplicate_bits bits of an earlier sample's: re-encoded or rescaled copies under other keys,
-    # counted as near_duplicate. Repeated keys are always skipped (duplicate_key).
+    # "dhash": skip an image whose difference hash (192-bit colour dHash of the resized image) is
+    # within near_duplicate_bits bits of an earlier sample's: re-encoded or rescaled copies under
+    # other keys, counted as near_duplicate. Repeated keys are always skipped (duplicate_key).
     near_duplicates: Literal["off", "dhash"] = "off"
-    near_duplicate_bits: int = Field(4, ge=0, le=16)
+    near_duplicate_bits: int = Field(20, ge=0, le=96)
     # Times Ray re-runs a prepare task whose worker died (node lost, OOM-killed); beyond that the job
     # stops, and a rerun resumes: input files already finished are not read again.
     task_retries: int = Field(3, ge=0)

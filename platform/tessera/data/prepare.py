@@ -51,6 +51,9 @@ _SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet", ".pq")}
 RUN_SPEC = "prepare.json"  # in a generation folder: what it is being prepared from
 PARTS_FORMAT = 1  # bump when the part files change, so an old unfinished generation is not resumed
 SHAPES_PER_UNIT = 500
+# Near-duplicate candidates share one of 5 bands of the grey dHash (so any pair within 4 of its
+# 64 bits is a candidate); the colour dHash then decides (data.near_duplicate_bits).
+CANDIDATE_BANDS = 5
 PARTS_PER_KEY_TASK = 16
 # Set by tests: "exit:<unit>" makes that unit's task kill its worker (os._exit) after reading,
 # "sleep:<unit>" holds it for 10 minutes (the test kills the driver meanwhile).
@@ -62,7 +65,8 @@ PART_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("caption", pa.string()),
     ("meta", pa.string()),
-    ("dhash", pa.int64()),  # null unless data.near_duplicates is "dhash"
+    ("dhash", pa.int64()),  # grey difference hash; null unless data.near_duplicates is "dhash"
+    ("dhash_rgb", pa.binary()),  # colour difference hash (24 bytes), likewise
 ])
 
 
@@ -167,10 +171,11 @@ def process_unit(unit: dict, *, kind: str, src_cfg, rules: preprocess.Rules, gen
         for split in pc.unique(table.column("split")).to_pylist():
             rows = table.filter(pc.equal(table.column("split"), split))
             images = rows.column("image").to_pylist()
-            hashes = [preprocess.dhash(b) for b in images] if near_dup else [None] * len(images)
+            hashes = [preprocess.dhash(b) for b in images] if near_dup else [(None, None)] * len(images)
             part = pa.table({"key": rows.column("key"), "order": rows.column("order"), "image": images,
                              "caption": rows.column("caption"), "meta": rows.column("meta"),
-                             "dhash": pa.array(hashes, pa.int64())}, schema=PART_SCHEMA)
+                             "dhash": pa.array([h[0] for h in hashes], pa.int64()),
+                             "dhash_rgb": pa.array([h[1] for h in hashes], pa.binary())}, schema=PART_SCHEMA)
             if split not in writers:
                 sink = pa.BufferOutputStream()
                 writers[split] = (sink, pq.ParquetWriter(sink, PART_SCHEMA, compression="none"))
@@ -200,11 +205,11 @@ def _bucket_of(values: pa.ChunkedArray, partitions: int) -> pa.Array:
     return pa.array([zlib.crc32(v.encode()) % partitions for v in values.to_pylist()], pa.int32())
 
 
-def hash_bands(hashes: np.ndarray, max_bits: int) -> list[np.ndarray]:
-    """The 64-bit hashes cut into max_bits + 1 bands, each tagged with its band number: two hashes
-    that differ in at most max_bits bits agree exactly on at least one band (pigeonhole)."""
+def hash_bands(hashes: np.ndarray, bands: int = CANDIDATE_BANDS) -> list[np.ndarray]:
+    """The 64-bit hashes cut into `bands` bands, each tagged with its band number: two hashes that
+    differ in fewer than `bands` bits agree exactly on at least one band (pigeonhole)."""
     u = hashes.astype(np.int64).view(np.uint64)
-    edges = np.linspace(0, 64, max_bits + 2).astype(int)
+    edges = np.linspace(0, 64, bands + 1).astype(int)
     out = []
     for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         band = (u >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
@@ -214,28 +219,26 @@ def hash_bands(hashes: np.ndarray, max_bits: int) -> list[np.ndarray]:
 
 def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int, out_uri: str,
              exclude: dict[int, list[str]], opts: storage.StorageOptions,
-             max_bits: int | None = None) -> list[tuple[int, str]]:
+             confirm: str | None = None) -> list[tuple[int, str]]:
     """Keys only: (value, order, unit, split) of each part's rows, minus rows already dropped,
     split into `partitions` files by a hash of the value; returns (partition, file URI) of each
-    file written. With max_bits (perceptual hashes), one row per band of the hash, carrying the
-    whole hash. The files go to storage, not the object store, so that holds nothing that grows
-    with the input."""
+    file written. With `confirm` (perceptual hashes), one row per band of the hash, carrying the
+    `confirm` column's hash that decides. The files go to storage, not the object store, so that
+    holds nothing that grows with the input."""
     tables = []
     for unit, split, uri in parts:
-        t = read_part(uri, opts, columns=[column, "order"])
+        t = read_part(uri, opts, columns=[column, "order", *([confirm] if confirm else [])])
         gone = _dropped_orders(exclude.get(unit, []), split, opts)
         if gone is not None:
             t = t.filter(pc.invert(pc.is_in(t.column("order"), value_set=gone)))
         t = t.filter(pc.is_valid(t.column(column)))
-        tables.append(t.rename_columns(["value", "order"])
+        tables.append(t.rename_columns(["value", "order", *(["hash"] if confirm else [])])
                       .append_column("unit", pa.array([unit] * t.num_rows, pa.int32()))
                       .append_column("split", pa.array([split] * t.num_rows, pa.string())))
     whole = pa.concat_tables(tables) if tables else pa.table({"value": pa.array([], pa.string())})
-    if max_bits is not None and whole.num_rows:
-        full = whole.column("value").to_numpy()
-        bands = hash_bands(full, max_bits)
-        whole = pa.concat_tables([whole.set_column(0, "value", pa.array(band))
-                                  .append_column("hash", pa.array(full)) for band in bands])
+    if confirm and whole.num_rows:
+        bands = hash_bands(whole.column("value").to_numpy())
+        whole = pa.concat_tables([whole.set_column(0, "value", pa.array(band)) for band in bands])
     bucket = _bucket_of(whole.column("value"), partitions) if partitions > 1 else None
     written = []
     for p in range(partitions):
@@ -249,17 +252,21 @@ def map_keys(parts: list[tuple[int, str, str]], *, column: str, partitions: int,
     return written
 
 
-def _near_repeats(values: np.ndarray, hashes: np.ndarray, same: np.ndarray, max_bits: int) -> np.ndarray:
+def _near_repeats(hashes: list[bytes], same: np.ndarray, max_bits: int) -> np.ndarray:
     """For rows 1..n-1 sorted by (band value, order): is an earlier row of the same band value
-    within max_bits bits of this row's hash?"""
+    within max_bits bits of this row's (colour) hash?"""
     out = np.zeros(len(same), bool)
     starts = np.flatnonzero(np.r_[True, ~same])  # group starts, as row indices
-    ends = np.r_[starts[1:], len(values)]
-    u = hashes.astype(np.int64).view(np.uint64)
-    for g in np.flatnonzero(ends - starts > 1):
+    ends = np.r_[starts[1:], len(hashes)]
+    groups = np.flatnonzero(ends - starts > 1)
+    if not len(groups):
+        return out
+    width = len(hashes[0])
+    h = np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), width)
+    for g in groups:
         a, b = starts[g], ends[g]
         for i in range(a + 1, b):
-            if (np.bitwise_count(u[a:i] ^ u[i]) <= max_bits).any():
+            if (np.bitwise_count(h[a:i] ^ h[i]).sum(axis=1) <= max_bits).any():
                 out[i - 1] = True
     return out
 
@@ -268,7 +275,7 @@ def reduce_keys(partition: int, uris: list[str], *, reason: str, drops_uri: str,
                 opts: storage.StorageOptions, max_bits: int | None = None) -> list[tuple[int, str, int]]:
     """One hash partition: every occurrence of a value after its first (lowest input order) is
     dropped. With a "hash" column (banded perceptual hashes, see map_keys), a row is dropped when
-    its whole hash is within max_bits bits of an earlier row's that shares the band. Writes the
+    its hash is within max_bits bits of an earlier row's that shares the band value. Writes the
     drops per unit; returns (unit, split, count) per unit and split (in band mode a row found in
     several bands is counted by each partition that found it)."""
     if not uris:
@@ -278,7 +285,7 @@ def reduce_keys(partition: int, uris: list[str], *, reason: str, drops_uri: str,
     values = t.column("value").combine_chunks()
     repeat = pc.equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
     if "hash" in t.column_names:
-        repeat = _near_repeats(values.to_numpy(), t.column("hash").to_numpy(), repeat, max_bits or 0)
+        repeat = _near_repeats(t.column("hash").to_pylist(), repeat, max_bits or 0)
     drops = t.slice(1).filter(pa.array(repeat)).select(["unit", "split", "order"])
     drops = drops.group_by(["unit", "split", "order"]).aggregate([])  # a row once per partition
     counts = []
@@ -553,8 +560,9 @@ class _Prepare:
         for i in range(0, len(listed), PARTS_PER_KEY_TASK):
             chunk = listed[i:i + PARTS_PER_KEY_TASK]
             ex = {u: exclude[u] for u, _, _ in chunk if u in exclude}
+            confirm = "dhash_rgb" if max_bits is not None else None
             outs.append(mapper.remote(chunk, column=column, partitions=partitions, out_uri=shuffle_uri,
-                                      exclude=ex, opts=self.opts, max_bits=max_bits))
+                                      exclude=ex, opts=self.opts, confirm=confirm))
         files: dict[int, list[str]] = {p: [] for p in range(partitions)}
         for written in ray.get(outs):
             for p, uri in written:

@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -176,20 +177,19 @@ def encode_image(im: Image.Image, rules: Rules) -> bytes:
     return buf.getvalue()
 
 
-def dhash(image: bytes) -> int:
-    """64-bit difference hash of an encoded image, as a signed int64: the 9x8 grey thumbnail's
-    left-to-right brightness steps. Re-encoding, recompressing or rescaling an image leaves it
-    unchanged (prepare hashes the image after resizing it to the dataset's resolution), so equal
-    hashes mark near-duplicates. (The `imagehash` package computes the same with SciPy and
-    PyWavelets as dependencies; these ten lines need neither.)"""
+def dhash(image: bytes) -> tuple[int, bytes]:
+    """Difference hashes of an encoded image: the brightness steps left to right of its thumbnail.
+    (64-bit grey, as a signed int64; 192-bit colour, 24 bytes.) Re-encoding, recompressing or
+    rescaling an image changes few bits (prepare hashes the image after resizing it to the
+    dataset's resolution). The grey hash finds candidates cheaply (see prepare.hash_bands); the
+    colour hash decides, since unrelated images with similar brightness layouts, common in
+    smooth or synthetic pictures, can share most grey bits. (`imagehash` computes the grey one
+    with SciPy and PyWavelets as dependencies; numpy needs neither.)"""
     with Image.open(io.BytesIO(image)) as im:
-        grey = im.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
-    px = grey.tobytes()
-    bits = 0
-    for row in range(8):
-        for col in range(8):
-            bits = (bits << 1) | (px[row * 9 + col] < px[row * 9 + col + 1])
-    return bits - (1 << 64) if bits >= 1 << 63 else bits
+        rgb = np.asarray(im.convert("RGB").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    grey = np.asarray(Image.fromarray(rgb.astype(np.uint8), "RGB").convert("L"), dtype=np.int16)
+    bits = np.packbits(grey[:, :-1] < grey[:, 1:]).view(">i8")[0]
+    return int(bits), np.packbits(rgb[:, :-1, :] < rgb[:, 1:, :]).tobytes()
 
 
 def assign_split(key: str, *, val_fraction: float, seed: int) -> str:
