@@ -36,6 +36,8 @@ class Part:
     # these fields; no data_key: not recorded.
     data_key: str | None = None
     data_fields: tuple[str, ...] | None = None
+    # Shape fields added after exports existed, with the value those older exports were built with.
+    legacy_shape: tuple[tuple[str, object], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -62,7 +64,8 @@ def _resolve(spec: str):
 
 
 PARTS: dict[str, Part] = {
-    "dvae": Part("dvae", "tessera.models.dvae:DVAE", "tessera.models.dvae:DVAEShape"),
+    "dvae": Part("dvae", "tessera.models.dvae:DVAE", "tessera.models.dvae:DVAEShape",
+                 legacy_shape=(("decoder_kernel", 1),)),
     # The prior's token dataset: its tokenizer and dVAE are what sampling needs.
     "prior": Part("prior", "tessera.models.prior:Prior", "tessera.models.prior:PriorShape",
                   data_key="tokens"),
@@ -88,7 +91,8 @@ def build(name: str, meta: dict, weights: bytes | dict, *, where: str, **model_k
     if meta.get("kind") != p.kind:
         raise ArtifactError(f"{where}: expected a {p.kind} export, found kind={meta.get('kind')!r}")
     try:
-        model = p.model_class()(p.shape_class()(**meta["shape"]), **model_kwargs)
+        shape = {**dict(p.legacy_shape), **meta["shape"]}
+        model = p.model_class()(p.shape_class()(**shape), **model_kwargs)
         model.load_state_dict(load(weights) if isinstance(weights, bytes) else weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{where}: weights do not fit the {name} shape in its JSON ({e})") from None

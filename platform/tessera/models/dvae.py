@@ -30,6 +30,9 @@ class DVAEShape:
     hidden: int = 256  # n_hid: width of the first group (doubles per group)
     blocks_per_group: int = 2
     decoder_init: int = 128  # channels of the decoder's first 1×1 conv
+    # The decoder block's last conv (n_hid -> n_out): 3×3 in OpenAI's released dall_e decoder. 1 is
+    # what bundles written before this field hold (artifacts reads a missing value as 1).
+    decoder_kernel: int = 3
 
     def __post_init__(self) -> None:
         ratio = self.image_size // self.grid_size
@@ -64,17 +67,18 @@ def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tenso
 
 
 class _Block(nn.Module):
-    def __init__(self, n_in: int, n_out: int, *, post_gain: float, decoder: bool):
+    def __init__(self, n_in: int, n_out: int, *, post_gain: float, decoder: bool, last_kernel: int = 1):
         super().__init__()
         n_hid = n_out // 4
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        # The decoder's bottleneck opens with a 1×1 conv, the encoder's with a 3×3 (as the paper).
-        k0 = 1 if decoder else 3
+        # As OpenAI's released dall_e code: the encoder's bottleneck is 3×3, 3×3, 3×3, 1×1; the
+        # decoder's 1×1, 3×3, 3×3, then `last_kernel` (3×3 there).
+        k0, k3 = (1, last_kernel) if decoder else (3, 1)
         self.res_path = nn.Sequential(
             nn.ReLU(), nn.Conv2d(n_in, n_hid, k0, padding=k0 // 2),
             nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
             nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(n_hid, n_out, 1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_out, k3, padding=k3 // 2),
         )
         self.post_gain = post_gain
 
@@ -111,7 +115,8 @@ class Decoder(nn.Module):
         for g in reversed(range(shape.groups)):
             n_out = shape.hidden * 2 ** min(g, 3)
             for _ in range(shape.blocks_per_group):
-                layers.append(_Block(n_in, n_out, post_gain=gain, decoder=True))
+                layers.append(_Block(n_in, n_out, post_gain=gain, decoder=True,
+                                     last_kernel=shape.decoder_kernel))
                 n_in = n_out
             if g > 0:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
