@@ -33,6 +33,7 @@ def save_checkpoint(engine, report, metrics: dict, *, state: dict, config: dict,
     """Every rank writes its DeepSpeed shard (and its `rank_files`, named per rank) into one
     folder; rank 0 adds tessera's own files; then `report(metrics, folder)` hands it on (Ray
     Train uploads it to the run's storage)."""
+    ema_state = ema.state_dict() if ema is not None else None  # a gather: every rank takes part
     with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
         for name, data in (rank_files or {}).items():
@@ -42,10 +43,10 @@ def save_checkpoint(engine, report, metrics: dict, *, state: dict, config: dict,
             Path(tmp, CONFIG_FILE).write_text(json.dumps(config))
             if data_manifest is not None:
                 Path(tmp, DATA_MANIFEST_FILE).write_text(json.dumps(data_manifest))
-            if ema is not None:
+            if ema_state is not None:
                 from safetensors.torch import save_file
 
-                save_file(ema.state_dict(), str(Path(tmp, EMA_FILE)))
+                save_file(ema_state, str(Path(tmp, EMA_FILE)))
         report(metrics, tmp)
 
 

@@ -1,44 +1,103 @@
-"""Exponential moving average of a DeepSpeed-wrapped model's parameters.
+"""Exponential moving average of a DeepSpeed-wrapped model's parameters, sharded like ZeRO-3.
 
-The average is a full fp32 copy on every rank (a dVAE is a few MB to a few hundred MB). Under
-ZeRO-3 a rank holds only its partition of each parameter, so each update gathers them first: a
-collective, called on every rank at the same step.
+The paper averages the iterates ("exponentially weighted iterate averaging for the parameters
+with decay coefficient 0.999", appendix A.2) of a model whose fp32 copy does not fit one GPU, so
+no rank here keeps a whole copy: each keeps the fp32 average of only its slice of every
+parameter. Under ZeRO-3 that slice is the partition the rank already holds (`param.ds_tensor`,
+over the parameter's own `ds_process_group`: the node under node-local sharding), so an update is
+a local `lerp_` with no communication and no gather. Under ZeRO 0–2, where every rank holds whole
+parameters, a rank averages an equal 1/world slice of each flattened parameter.
+
+The whole average is assembled (an all-gather over the slice's group: a collective, called on
+every rank) only when it is needed: for evaluation (`full()`) and in checkpoints (`state_dict()`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 from torch import nn
+
+
+def _group_of(p: torch.Tensor):
+    """The process group a parameter's slices are spread over (None: the whole world)."""
+    return getattr(p, "ds_process_group", None)
+
+
+def _rank_world(group) -> tuple[int, int]:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 class ParameterEMA:
     def __init__(self, module: nn.Module, decay: float, *, zero_stage: int):
         self.decay = decay
         self.zero3 = zero_stage == 3
-        with self._gathered(module), torch.no_grad():
-            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        self.shapes: dict[str, torch.Size] = {}
+        self.numels: dict[str, int] = {}
+        self.groups: dict[str, object] = {}
+        with torch.no_grad():
+            self.shards = {}
+            for name, p in module.named_parameters():
+                self.shapes[name] = torch.Size(getattr(p, "ds_shape", p.shape))
+                self.numels[name] = int(getattr(p, "ds_numel", p.numel()))
+                self.groups[name] = _group_of(p) if self.zero3 else None
+                self.shards[name] = self._local(name, p).float().clone()
 
-    def _gathered(self, module: nn.Module):
-        if not self.zero3:
-            return contextlib.nullcontext()
-        import deepspeed
+    def _slice_len(self, name: str) -> int:
+        _, world = _rank_world(self.groups[name])
+        return math.ceil(self.numels[name] / world)
 
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    def _local(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of parameter `p`, flat, padded with zeros to the slice length."""
+        if self.zero3 and getattr(p, "ds_tensor", None) is not None:
+            return p.ds_tensor.detach().reshape(-1)
+        rank, _ = _rank_world(self.groups[name])
+        n = self._slice_len(name)
+        flat = p.detach().reshape(-1)[rank * n:(rank + 1) * n]
+        return torch.nn.functional.pad(flat, (0, n - flat.numel())) if flat.numel() < n else flat
+
+    @property
+    def local_bytes(self) -> int:
+        """What this rank holds: about 1/world of an fp32 copy of the model."""
+        return sum(s.numel() * s.element_size() for s in self.shards.values())
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        with self._gathered(module):
-            for name, p in module.named_parameters():
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+        """After an optimizer step, on every rank; local, no communication."""
+        for name, p in module.named_parameters():
+            self.shards[name].lerp_(self._local(name, p).float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full(self) -> dict[str, torch.Tensor]:
+        """The whole average, on every rank (a collective: call it on all of them)."""
+        out = {}
+        for name, shard in self.shards.items():
+            rank, world = _rank_world(self.groups[name])
+            if world == 1:
+                whole = shard
+            else:
+                parts = [torch.empty_like(shard) for _ in range(world)]
+                torch.distributed.all_gather(parts, shard.contiguous(), group=self.groups[name])
+                whole = torch.cat(parts)
+            out[name] = whole[:self.numels[name]].view(self.shapes[name])
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.shadow.items()}
+        """The whole average on the CPU (a collective, like full())."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.full().items()}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) ^ set(state)
+        """From a whole average (a checkpoint's); each rank keeps its own slice."""
+        missing = set(self.shards) ^ set(state)
         if missing:
             raise KeyError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
+        for name, value in state.items():
+            rank, _ = _rank_world(self.groups[name])
+            n = self._slice_len(name)
+            flat = value.reshape(-1)[rank * n:(rank + 1) * n].float()
+            self.shards[name].zero_()
+            self.shards[name][:flat.numel()].copy_(flat)

@@ -178,7 +178,7 @@ class Stage:
         if self.ema is None:
             return self.engine.module
         model = self.build_model().to(self.device)
-        model.load_state_dict(self.ema.shadow)
+        model.load_state_dict(self.ema.full())  # a collective: evaluate() runs on every rank
         return model
 
     def run(self) -> dict:

@@ -1,0 +1,70 @@
+"""The parameter EMA keeps 1/world of an fp32 copy per rank and still averages exactly what a
+whole copy would: two gloo ranks, real DeepSpeed engines (ZeRO-3 and ZeRO-2) on CPU."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+
+def _member(rank: int, port: int, zero_stage: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from tessera.parallel.deepspeed_config import build_deepspeed_config
+    from tessera.training.ema import ParameterEMA
+
+    deepspeed.init_distributed("gloo", verbose=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))  # odd sizes
+    cfg = build_deepspeed_config(micro_batch=4, grad_accum=1, world_size=2, zero_stage=zero_stage,
+                                 grad_clip=None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                      config=cfg)
+    params = list(engine.module.parameters())
+
+    def whole() -> dict[str, torch.Tensor]:
+        if zero_stage != 3:
+            return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+    ema = ParameterEMA(engine.module, 0.5, zero_stage=zero_stage)
+    reference = whole()
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        x, y = torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)
+        engine.backward(((engine(x) - y) ** 2).mean())
+        engine.step()
+        ema.update(engine.module)
+        for n, v in whole().items():
+            reference[n].lerp_(v, 0.5)
+    full = ema.full()
+    state = ema.state_dict()
+    again = ParameterEMA(engine.module, 0.5, zero_stage=zero_stage)
+    again.load_state_dict(state)
+    torch.save({"full": full, "reference": reference, "local_bytes": ema.local_bytes,
+                "again": again.full(), "trained": whole()}, out.format(rank))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [3, 2])
+def test_each_rank_keeps_half_and_the_whole_average_is_exact(zero_stage, tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank{}.pt")
+    mp.start_processes(_member, args=(port, zero_stage, out), nprocs=2, start_method="spawn")
+    a, b = (torch.load(out.format(r)) for r in (0, 1))
+    numels = {"0.weight": 35, "0.bias": 5, "2.weight": 15, "2.bias": 3}
+    assert {n: v.numel() for n, v in a["full"].items()} == numels
+    for n in numels:
+        torch.testing.assert_close(a["full"][n], a["reference"][n], rtol=1e-6, atol=1e-7, msg=n)
+        assert torch.equal(a["full"][n], b["full"][n]) and torch.equal(a["again"][n], a["full"][n])
+        assert not torch.equal(a["full"][n], a["trained"][n])  # an average, not the last weights
+    # Each rank: ceil(numel / 2) fp32 values per parameter, not the whole model.
+    assert a["local_bytes"] == b["local_bytes"] == 4 * sum(-(-n // 2) for n in numels.values())
