@@ -139,3 +139,110 @@ def test_named_shapes_and_validation():
         model(ids[:, :4], mask[:, :4], image)
     with pytest.raises(ValueError, match="image_tokens"):
         model(ids, mask, image[:, :5])
+
+
+def _count_block_calls(model):
+    """Per-block count of forward calls (a pre-hook: a recomputation that stops early still counts)."""
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_activation_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(attention):
+    shape = PriorShape(**{**TINY.to_dict(), "attention": attention, "depth": 4})
+    torch.manual_seed(7)
+    plain = Prior(shape)
+    assert plain.activation_checkpointing is False  # off by default
+    ckpt = Prior(shape, activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    calls = _count_block_calls(ckpt)
+    ids, mask, image = _batch(shape)
+
+    want = plain(ids, mask, image)
+    want["loss"].backward()
+    got = ckpt(ids, mask, image)
+    assert calls == [1] * 4
+    got["loss"].backward()
+    assert calls == [2] * 4  # each block ran again in backward: it was checkpointed
+    for key in ("loss", "text_loss", "image_loss"):
+        assert torch.allclose(got[key], want[key], rtol=1e-6, atol=1e-7), key
+    for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None, name
+        assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-8), name
+
+    # Not in evaluation, nor in KV-cached decoding: no recomputation, same outputs.
+    ckpt.eval()
+    plain.eval()
+    with torch.no_grad():
+        h = ckpt.hidden(ckpt.embed(ids, mask, image))
+    assert calls == [3] * 4
+    torch.testing.assert_close(h, plain.hidden(plain.embed(ids, mask, image)))
+    cache = ckpt.new_cache(3, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(ckpt.extend(cache, ckpt.embed(ids, mask, image[:, :4])),
+                               plain.next_image_logits(ids, mask, image[:, :4]))
+
+
+def test_activation_checkpointing_is_a_prior_config_option_off_by_default():
+    from tessera.config import PriorTrainConfig
+
+    assert PriorTrainConfig().activation_checkpointing is False
+    assert PriorTrainConfig(activation_checkpointing=True).activation_checkpointing is True
+
+
+def test_logits_and_loss_are_float32_under_bf16_autocast():
+    """DALL·E, appendix D, guideline 2: "The logits for the text and image tokens are computed and
+    stored in 32-bit precision. [...] using 16-bit logits resulted in a small shift in the training
+    curve, so we switched to use 32-bit precision out of an abundance of caution.\""""
+    torch.manual_seed(8)
+    model = Prior(TINY)
+    ids, mask, image = _batch(TINY)
+    T, N = TINY.text_len, TINY.num_image_tokens
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        h = model.hidden(model.embed(ids, mask, image))
+        text_logits, image_logits = model.logits(h)
+        out = model(ids, mask, image)
+        sampled = model.next_image_logits(ids, mask, image[:, :4])
+        bf16_image_logits = model.image_head(h[:, T - 1: T + N - 1])  # what autocast does to a Linear
+    assert bf16_image_logits.dtype == torch.bfloat16  # autocast was on
+    assert text_logits.dtype == image_logits.dtype == sampled.dtype == torch.float32
+    assert all(out[k].dtype == torch.float32 for k in ("loss", "text_loss", "image_loss"))
+
+    # float32 reference from the same hidden states, computed outside autocast.
+    hf = h.float()
+    ref_text = hf[:, : T - 1] @ model.text_head.weight.T
+    ref_image = hf[:, T - 1: T + N - 1] @ model.image_head.weight.T
+    real = mask[:, 1:]
+    ref_text_loss = F.cross_entropy(ref_text[real], ids[:, 1:][real])
+    ref_image_loss = F.cross_entropy(ref_image.reshape(-1, TINY.image_vocab), image.reshape(-1))
+    tol = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(image_logits, ref_image, **tol)
+    torch.testing.assert_close(out["text_loss"], ref_text_loss, **tol)
+    torch.testing.assert_close(out["image_loss"], ref_image_loss, **tol)
+    torch.testing.assert_close(out["loss"], ref_text_loss / 8 + 7 * ref_image_loss / 8, **tol)
+    # The tolerance is tight enough to tell: bf16 logits move the loss by more than it.
+    bf16_loss = F.cross_entropy(bf16_image_logits.float().reshape(-1, TINY.image_vocab), image.reshape(-1))
+    assert abs(float(bf16_loss.detach()) - float(ref_image_loss.detach())) > 10 * tol["atol"]
+
+
+def test_a_prior_exported_with_the_earlier_masks_is_refused_not_run_with_the_new_ones():
+    """Exports from before PriorShape.masks existed were trained with tessera's first sparse masks;
+    loading them under the paper's masks would run a different model silently."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save
+
+    from tessera import artifacts
+    from tessera.models.prior import Prior, PriorShape
+
+    shape = PriorShape(text_vocab=30, image_vocab=16, text_len=5, grid=3, dim=32, depth=2, heads=4)
+    weights = save(Prior(shape, attention_impl="dense").state_dict())
+    old = asdict(shape)
+    del old["masks"]
+    with pytest.raises(artifacts.ArtifactError, match="masks version 1.*retrain"):
+        artifacts.build("prior", {"kind": "tessera.prior", "shape": old}, weights, where="prior.json")
+    full = {**old, "attention": "full"}  # full attention never changed: it still loads
+    artifacts.build("prior", {"kind": "tessera.prior", "shape": full}, weights, where="prior.json")
+    assert artifacts.build("prior", {"kind": "tessera.prior", "shape": asdict(shape)}, weights,
+                           where="prior.json").shape.masks == 2

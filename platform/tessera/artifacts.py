@@ -68,7 +68,7 @@ PARTS: dict[str, Part] = {
                  legacy_shape=(("decoder_kernel", 1),)),
     # The prior's token dataset: its tokenizer and dVAE are what sampling needs.
     "prior": Part("prior", "tessera.models.prior:Prior", "tessera.models.prior:PriorShape",
-                  data_key="tokens"),
+                  data_key="tokens", legacy_shape=(("masks", 1),)),
     # The tokenizer its captions were encoded with: sampling must use the same.
     "reranker": Part("reranker", "tessera.models.reranker:Reranker", "tessera.models.reranker:RerankerShape",
                      data_key="data", data_fields=("generation", "tokenizer", "resolution")),

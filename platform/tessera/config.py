@@ -245,6 +245,8 @@ class PriorTrainConfig(StageTrainConfig):
     normformer: bool | None = None  # beyond the paper: NormFormer's extra norms (as DALL·E Mega)
     # 'auto': FlexAttention (block-sparse) on CUDA, the dense reference path elsewhere.
     attention_impl: Literal["auto", "dense", "flex"] = "auto"
+    # Recompute each transformer block's activations in backward (torch checkpoint): less memory, more time.
+    activation_checkpointing: bool = False
     # Paper: AdamW, lr 4.5e-4, β = (0.9, 0.96), ε = 1e-8, decay 4.5e-2, gradient norm clipped at 4.
     lr: float = Field(4.5e-4, gt=0)
     weight_decay: float = Field(4.5e-2, ge=0)

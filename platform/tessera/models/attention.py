@@ -1,21 +1,27 @@
-"""The prior's attention masks (DALL·E, appendix B.1) and the two paths that apply them.
+"""The prior's attention masks (DALL·E, appendix B.1 and Fig. 11) and the two paths that apply them.
 
 The sequence is [text (T positions) ; image (G×G positions, row-major)]. Every pattern is causal.
 Text positions see earlier text. Image positions see all of the text and, depending on the layer's
-pattern, these earlier image positions:
+pattern, these image positions at raster distance d = q − kv ≥ 0 (q, kv in raster order):
 
     full     all of them
-    row      those in the same grid row
-    column   those in the same grid column
-    conv     those within a k×k window centred on the query (k odd)
+    row      d ≤ G: itself and the G before it, wrapping onto the previous row (Fig. 11a: "each
+             image token attends to the previous 5 image tokens in raster order", G = 4); the
+             Sparse Transformer's local pattern with stride G
+    column   d mod G = 0: the same grid column (Fig. 11b; Fig. 11c is the same mask on transposed
+             image states, a GPU-layout choice the dense and block-sparse paths here do not need)
+    conv     d = r·G + e with 0 ≤ r ≤ k//2 and |e| ≤ k//2: a k×k window centred on the query
+             (k odd), in raster offsets, so it wraps around the grid's edges like the row mask
+             (Fig. 11d: "with wraparound behavior (similar to the row attention)")
 
-Layer schedule (`layer_patterns`): the paper's sparse transformer uses column attention in layers
-i with (i − 2) mod 4 == 0 (i counted from 0 here), row attention in the others, and convolutional
+Layer schedule (`layer_patterns`): the paper counts layers i = 1..depth and uses column attention
+where (i − 2) mod 4 = 0 (layers 2, 6, 10, ...), row attention in the other layers, and convolutional
 attention in the last layer; `full` uses full causal attention everywhere.
 
 A pattern is one `mask_mod(batch, head, q_idx, kv_idx) -> bool` written in tensor ops, so the same
-function builds the dense boolean mask (the reference path, any device) and FlexAttention's block
-mask (the block-sparse path). Both are built once per (pattern, shape, device) and cached.
+function builds the dense boolean mask (the reference path, any device; its rows also pick the keys
+of KV-cached decoding) and FlexAttention's block mask (the block-sparse path). Both are built once
+per (pattern, shape, device) and cached.
 """
 
 from __future__ import annotations
@@ -52,12 +58,13 @@ class MaskSpec:
 
 
 def layer_patterns(depth: int, attention: str) -> list[str]:
-    """The pattern of each layer: 'full' everywhere, or the paper's 'sparse' schedule."""
+    """The pattern of each layer, first to last: 'full' everywhere, or the paper's 'sparse' schedule
+    (layer i = 1..depth: conv if i = depth, else column if (i − 2) mod 4 = 0, else row)."""
     if attention == "full":
         return ["full"] * depth
     if attention != "sparse":
         raise ValueError(f"attention must be 'full' or 'sparse', got {attention!r}")
-    return ["conv" if i == depth - 1 else "column" if (i - 2) % 4 == 0 else "row" for i in range(depth)]
+    return ["conv" if i == depth else "column" if (i - 2) % 4 == 0 else "row" for i in range(1, depth + 1)]
 
 
 def mask_mod(spec: MaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -69,14 +76,14 @@ def mask_mod(spec: MaskSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tens
         causal = kv <= q
         if pattern == "full":
             return causal
-        qi, ki = (q - T).clamp(min=0), (kv - T).clamp(min=0)
-        qr, qc, kr, kc = qi // G, qi % G, ki // G, ki % G
+        d = q - kv  # raster distance between two image positions (where `near` is read)
         if pattern == "row":
-            near = qr == kr
+            near = d <= G
         elif pattern == "column":
-            near = qc == kc
-        else:  # conv
-            near = ((qr - kr).abs() <= half) & ((qc - kc).abs() <= half)
+            near = d % G == 0
+        else:  # conv: the nearest allowed multiple r·G of G, then |d − r·G| within the half-width
+            r = ((d + G // 2) // G).clamp(min=0, max=half)
+            near = (d - r * G).abs() <= half
         # Text queries (q < T) are causal only; image queries see all text, then `near` image keys.
         return causal & ((q < T) | (kv < T) | near)
 
@@ -93,8 +100,8 @@ def dense_mask(spec: MaskSpec, device: str = "cpu") -> torch.Tensor:
 
 def cached_key_positions(spec: MaskSpec, start: int, end: int, device: str = "cpu") -> slice | torch.Tensor:
     """Which cached keys the queries start..end-1 read during incremental decoding: for one image
-    query under a sparse pattern, the indices its mask row allows (text + the row's / column's /
-    window's earlier image positions: ~T + G keys instead of T + G·G); otherwise every position
+    query under a sparse pattern, the indices its mask row allows (the text + at most G + 1 image
+    keys for row, G for column, (k//2)·k + k//2 + 1 for conv, not up to G·G); otherwise every position
     before `end` (the caller applies the dense mask rows)."""
     if end - start != 1 or spec.pattern == "full" or start < spec.text_len:
         return slice(0, end)

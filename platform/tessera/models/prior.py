@@ -10,10 +10,14 @@
                      image head on positions T-1..T+N-2 (next image token)
 
 Loss: mean cross-entropy over real (non-padding) caption targets and over image targets,
-combined as text_weight · text + image_weight · image (paper: 1/8 and 7/8).
+combined as text_weight · text + image_weight · image (paper: 1/8 and 7/8). The heads and the loss
+run in float32 whatever the autocast dtype (paper, appendix D: "The logits for the text and image
+tokens are computed and stored in 32-bit precision").
 
 Options: `glu` (GEGLU feed-forward, as DALL·E Mega) and `normformer` (NormFormer's extra norms:
-after attention, and inside the feed-forward after the activation).
+after attention, and inside the feed-forward after the activation). `Prior(...,
+activation_checkpointing=True)` recomputes each block's activations in the backward pass of
+training instead of keeping them (not in eval, under no_grad, or in KV-cached decoding).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tessera.models.attention import (
     MaskSpec,
@@ -33,6 +38,8 @@ from tessera.models.attention import (
     layer_patterns,
     resolve_impl,
 )
+
+MASKS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,18 @@ class PriorShape:
     conv_kernel: int = 11
     glu: bool = False
     normformer: bool = False
+    # Version of the sparse masks and layer schedule (attention.py). 1: tessera's first ones
+    # (row = same grid row, column layers one later, conv without wraparound), which exports
+    # written before this field were trained with (artifacts reads a missing value as 1).
+    masks: int = MASKS_VERSION
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.attention == "sparse" and self.masks != MASKS_VERSION:
+            raise ValueError(f"this prior was trained with sparse attention masks version {self.masks}; "
+                             f"this code builds only version {MASKS_VERSION} (the paper's row window, layer "
+                             f"schedule and wrapping conv mask): retrain it")
         layer_patterns(1, self.attention)  # validates the name
         MaskSpec(self.text_len, self.grid, "conv", self.conv_kernel)  # validates the kernel
 
@@ -152,10 +167,14 @@ class Block(nn.Module):
 
 
 class Prior(nn.Module):
-    def __init__(self, shape: PriorShape, *, attention_impl: str = "auto"):
+    def __init__(self, shape: PriorShape, *, attention_impl: str = "auto",
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.shape = shape
         self.attention_impl = attention_impl
+        # A model-level switch (not applied from training/ as STYLE.md §1 prefers) because it must
+        # skip the KV-cached sampling path, which only the model tells apart.
+        self.activation_checkpointing = activation_checkpointing
         D, T, G = shape.dim, shape.text_len, shape.grid
         self.text_emb = nn.Embedding(shape.text_vocab, D)
         self.text_pad = nn.Parameter(torch.zeros(T, D))  # one learned padding embedding per position
@@ -201,26 +220,37 @@ class Prior(nn.Module):
         impl = resolve_impl(self.attention_impl, x.device)
         if impl == "flex" and x.shape[1] != self.shape.seq_len:
             impl = "dense"  # the block mask covers the full sequence only
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, impl)
+            # Non-reentrant: the recomputation re-runs module hooks (the per-resblock gradient
+            # scaler's entry hook, ZeRO-3's gathers) under the forward's autocast state.
+            x = checkpoint(block, x, impl, use_reentrant=False) if recompute else block(x, impl)
         return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, T + N, D) -> text logits (B, T-1, text_vocab) predicting caption
+        positions 1..T-1 and image logits (B, N, image_vocab) predicting image positions 0..N-1, in
+        float32 whatever the autocast dtype (paper, appendix D)."""
+        T, N = self.shape.text_len, self.shape.num_image_tokens
+        return (_float32_head(self.text_head, h[:, : T - 1]),
+                _float32_head(self.image_head, h[:, T - 1: T + N - 1]))
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor, *,
                 text_weight: float = 1 / 8, image_weight: float = 7 / 8) -> dict[str, torch.Tensor]:
         """Teacher-forced training step over whole sequences: the loss and its two parts."""
-        T, N = self.shape.text_len, self.shape.num_image_tokens
+        N = self.shape.num_image_tokens
         if image_tokens.shape[1] != N:
             raise ValueError(f"image_tokens must hold {N} tokens per image, got {image_tokens.shape[1]}")
         # The whole sequence goes in (so the block-sparse path sees the shape its mask was built for);
         # the output at the last image position predicts nothing and is not used.
         h = self.hidden(self.embed(text_ids, text_mask, image_tokens))
-        text_logits = self.text_head(h[:, : T - 1])  # predicts caption positions 1..T-1
-        image_logits = self.image_head(h[:, T - 1: T + N - 1])  # predicts image positions 0..N-1
-        text_loss = masked_cross_entropy(text_logits, text_ids[:, 1:], text_mask[:, 1:])
-        image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).float(),
-                                     image_tokens.reshape(-1).long())
-        return {"loss": text_weight * text_loss + image_weight * image_loss,
-                "text_loss": text_loss, "image_loss": image_loss}
+        text_logits, image_logits = self.logits(h)  # float32
+        with torch.autocast(h.device.type, enabled=False):  # the loss in float32 too
+            text_loss = masked_cross_entropy(text_logits, text_ids[:, 1:], text_mask[:, 1:])
+            image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]),
+                                         image_tokens.reshape(-1).long())
+            loss = text_weight * text_loss + image_weight * image_loss
+        return {"loss": loss, "text_loss": text_loss, "image_loss": image_loss}
 
     def gradient_segments(self) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
         """The network cut into segments for per-resblock gradient scaling, input to output:
@@ -248,7 +278,7 @@ class Prior(nn.Module):
         for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
             x = block.forward_cached(x, k, v, start)
         cache.length = start + x.shape[1]
-        return self.image_head(self.norm(x[:, -1])).float()
+        return _float32_head(self.image_head, self.norm(x[:, -1]))
 
     def embed_image_token(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """tokens (B,) at image position `index` (row-major) -> (B, 1, D)."""
@@ -260,7 +290,7 @@ class Prior(nn.Module):
                           image_tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, image_vocab) of the next image token given a caption and the first n tokens."""
         h = self.hidden(self.embed(text_ids, text_mask, image_tokens))
-        return self.image_head(h[:, -1]).float()
+        return _float32_head(self.image_head, h[:, -1])
 
 
 @dataclass
@@ -275,6 +305,14 @@ class KVCache:
         candidates after computing its prefix once."""
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
+
+
+def _float32_head(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """head(h) outside autocast: in float32 with the float32 weights training keeps (a model cast to
+    a low dtype as a whole computes in that dtype), returned as float32. The module is called, not its
+    weight read, so that ZeRO-3's hooks gather the partitioned weight first."""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.to(head.weight.dtype)).float()
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

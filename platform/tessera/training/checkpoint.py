@@ -98,7 +98,8 @@ def export_checkpoint(part: str, checkpoint_dir: str, out_uri: str, *,
     stage put under "export" in its state."""
     ckpt = Path(checkpoint_dir)
     state = load_state(checkpoint_dir)
-    shape = artifacts.part(part).shape_class()(**state["shape"])
+    p = artifacts.part(part)
+    shape = p.shape_class()(**{**dict(p.legacy_shape), **state["shape"]})
     weights, source = checkpoint_weights(checkpoint_dir)
     extra = {"step": state["step"], "weights": source, **(state.get("export") or {})}
     if (ckpt / CONFIG_FILE).exists():

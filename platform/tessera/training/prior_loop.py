@@ -43,7 +43,8 @@ class PriorStage(Stage):
 
     def build_model(self) -> Prior:
         self.shape = prior_shape(self.cfg, self.io.token_manifest())
-        return Prior(self.shape, attention_impl=self.t.attention_impl)
+        return Prior(self.shape, attention_impl=self.t.attention_impl,
+                     activation_checkpointing=self.t.activation_checkpointing)
 
     def optimizer(self, model):
         from tessera.training.grad_scaler import ResblockGradScaler, SkippableAdamW
