@@ -154,3 +154,10 @@ def test_the_cluster_dvae_uses_the_papers_optimizer_and_batch():
     d = cfg.dvae
     assert d.weight_decay == 1e-4 and d.micro_batch == 8
     assert d.micro_batch * d.num_workers * d.grad_accum == 512
+
+
+def test_the_cluster_prior_trains_with_the_papers_bpe_dropout():
+    """Paper, appendix B.2: "We also apply 10% BPE dropout when BPE-encoding the captions for
+    training." The dVAE's Listing 1 crops are on for the paper-size dVAE (dvae.augment None)."""
+    cfg = load_config("cluster")
+    assert cfg.loader.bpe_dropout == 0.1 and cfg.dvae.size == "paper" and cfg.dvae.augment is not False

@@ -137,3 +137,82 @@ def test_rerun_keeps_published_tokens_unless_overwrite(encoded):
                               for s, v in manifest["splits"].items()}
     old_shard = storage.join(cfg.paths.tokens, manifest["splits"]["val"]["shards"][0]["path"])
     assert not storage.exists(old_shard)  # the superseded generation is gone
+
+
+def _train_images(cfg, prepared, shard: int, keys: list[str]):
+    from PIL import Image
+
+    from tessera import storage
+    from tessera.data.tar import TarReadResult, iter_tar_samples
+
+    src = storage.join(cfg.paths.data, prepared["splits"]["train"]["shards"][shard]["path"])
+    samples = {s.key: s.files for s in iter_tar_samples(io.BytesIO(storage.read_bytes(src)), TarReadResult())}
+    return src, np.stack([np.asarray(Image.open(io.BytesIO(samples[k]["png"])).convert("RGB")) for k in keys])
+
+
+def test_one_view_writes_todays_shards_of_the_whole_images(encoded):
+    """encode.views = 1 (the default) is what encode wrote before views existed: the columns of
+    token_schema without a view column, one row per image, its tokens the dVAE's codes of the whole
+    image."""
+    import torch
+
+    from tessera.data.token_loader import load_token_manifest, token_schema
+
+    cfg, prepared, _, _, model = encoded
+    manifest = load_token_manifest(cfg.paths.tokens)  # the published one (an earlier test may redo it)
+    assert manifest["views"] == 1
+    (entry, table), = _shards(cfg, manifest, "train")[1:2]
+    assert table.schema == token_schema(8) and "view" not in table.column_names
+    _, images = _train_images(cfg, prepared, 1, table.column("key").to_pylist())
+    grid = np.array(table.column("image_tokens").to_pylist(), dtype=np.int64).reshape(-1, 8, 8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert np.array_equal(grid, model.encode(x).numpy())
+
+
+def test_views_add_crops_of_each_training_image_as_rows_of_their_own(encoded, tmp_path):
+    """Paper §B.2: "When training the transformer, we apply data augmentation to the images before
+    encoding them using the dVAE encoder. We use slightly different augmentations from the ones used
+    to train the dVAE; the code used for this is given in Listing 2." With encode.views = 2 every
+    training image gives two adjacent rows: view 0, the tokens views = 1 writes, and view 1, of a
+    crop (different tokens for some images), drawn the same way in any process; other splits keep
+    one row per image."""
+    from tessera import storage
+    from tessera.data.token_loader import load_token_manifest
+    from tessera.inference.encode import ShardEncoder, read_token_shard, run_encode
+
+    cfg, prepared, _, _, _ = encoded
+    one = load_token_manifest(cfg.paths.tokens)  # the published one (an earlier test may redo it)
+    two_cfg = cfg.model_copy(update={"encode": cfg.encode.model_copy(
+        update={"views": 2, "output_uri": cfg.encode.output_uri + "-views"})})
+    two = run_encode(two_cfg)
+    assert two["views"] == 2
+    assert two["splits"]["train"]["num_samples"] == 2 * one["splits"]["train"]["num_samples"]
+    for split in ("val", "heldout"):
+        assert two["splits"][split]["num_samples"] == one["splits"][split]["num_samples"]
+    differ = 0
+    for (_, t1), (_, t2) in zip(_shards(cfg, one, "train"), _shards(two_cfg, two, "train"), strict=True):
+        assert t2.num_rows == 2 * t1.num_rows
+        assert t2.column("view").to_pylist() == [0, 1] * t1.num_rows
+        for column in ("key", "caption", "text_ids"):
+            assert t2.column(column).to_pylist()[::2] == t2.column(column).to_pylist()[1::2] \
+                == t1.column(column).to_pylist()
+        tokens = np.array(t2.column("image_tokens").to_pylist())
+        assert np.array_equal(tokens[::2], np.array(t1.column("image_tokens").to_pylist()))
+        differ += int((tokens[::2] != tokens[1::2]).any(axis=1).sum())
+    assert differ > 0.2 * one["splits"]["train"]["num_samples"]
+    (_, v1), = _shards(cfg, one, "val")
+    (_, v2), = _shards(two_cfg, two, "val")
+    assert v2.column("view").to_pylist() == [0] * v1.num_rows
+    assert v2.column("image_tokens").to_pylist() == v1.column("image_tokens").to_pylist()
+
+    # The same rows again from an encoder in this process (the job's ran in a Ray actor).
+    e = two_cfg.encode
+    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode()
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    encoder = ShardEncoder(dvae_uri=cfg.paths.encode_dvae, opts=opts, tokenizer_json=tokenizer_json,
+                           image_ext=prepared["image_format"],
+                           resolution=prepared["resolution"], batch_size=16, use_gpu=False, measure_psnr=(),
+                           views=e.views, view_scale=e.view_scale, seed=e.seed)
+    src = storage.join(cfg.paths.data, prepared["splits"]["train"]["shards"][1]["path"])
+    encoder.encode_shard(src, str(tmp_path / "again.parquet"), "train")
+    assert read_token_shard(str(tmp_path / "again.parquet")).equals(_shards(two_cfg, two, "train")[1][1])

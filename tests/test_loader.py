@@ -1,16 +1,26 @@
 """The training input pipeline inside real Ray Train workers: two workers on the 2-core machine
 read the prepared shards through Ray Data without stalling, and together see every training
-sample exactly once per epoch, as model-ready tensors."""
+sample exactly once per epoch, as model-ready tensors, cropped afresh each epoch when asked."""
+
+import hashlib
 
 import pytest
 
 from tessera.config import load_config
+from tessera.data.loader import Crops
 
 pytestmark = pytest.mark.integration
 
+CROPS = Crops(size=32, scale=(9 / 8, 12 / 8), flip=True, seed=3)  # Listing 1's, at the debug size
+
+
+def digest(image) -> str:
+    return hashlib.blake2b(bytes(memoryview(image).cast("B")), digest_size=8).hexdigest()
+
 
 def _consume(config: dict):
-    """Train loop: iterate the shard for two epochs; rank 0 writes what every rank saw."""
+    """Train loop: iterate the shard for two epochs; rank 0 writes what every rank saw (sample ids
+    in order, and a digest of each sample's image)."""
     import json
     from pathlib import Path
 
@@ -22,9 +32,9 @@ def _consume(config: dict):
 
     cfg = config["cfg"]
     shard = ray.train.get_dataset_shard("train")
-    seen = []
+    seen, images = [], []
     for epoch in range(2):
-        ids_this_epoch = []
+        ids_this_epoch, digests = [], {}
         for batch in iter_training_batches(shard, cfg.loader, epoch=epoch):
             img, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
             assert img.dtype == torch.uint8 and img.shape[1:] == (32, 32, 3)
@@ -33,12 +43,14 @@ def _consume(config: dict):
             assert bool(mask[:, 0].all()) and bool((ids[~mask] == 0).all())
             assert img.float().std() > 1  # real pictures, not blank buffers
             ids_this_epoch += batch["sample_id"].tolist()
+            digests |= {i: digest(im.numpy()) for i, im in zip(batch["sample_id"].tolist(), img, strict=True)}
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, ids_this_epoch)
-        seen.append(gathered)
+        dist.all_gather_object(gathered, [ids_this_epoch, digests])
+        seen.append([ids for ids, _ in gathered])
+        images.append({i: d for _, rank in gathered for i, d in rank.items()})
     if dist.get_rank() == 0:
         # Train V2 keeps metrics only with checkpoints; a file is the plain way back.
-        Path(config["out"]).write_text(json.dumps(seen))
+        Path(config["out"]).write_text(json.dumps({"seen": seen, "images": images}))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +86,10 @@ def test_validation_split_without_shuffle_gives_writable_tensors(prepared):
         build_training_dataset(cfg, split="heldout")
 
 
-def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
+def test_two_train_workers_consume_every_sample_once_cropped_afresh_each_epoch(prepared, tmp_path):
+    """Two Train workers read the dataset with the dVAE's crops: each epoch every training sample
+    comes once, and its image is Crops' draw for that epoch (Ray Train runs the dataset again per
+    epoch, and the read tasks see which run it is), so it differs from the last epoch's."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -88,7 +103,7 @@ def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
         _consume,
         train_loop_config={"cfg": cfg, "out": str(tmp_path / "seen.json")},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": build_training_dataset(cfg)},
+        datasets={"train": build_training_dataset(cfg, crops=CROPS)},
         dataset_config=train_data_config(cfg),
         run_config=RunConfig(name="pipeline-test", storage_path=str(tmp_path / "train")),
     )
@@ -105,7 +120,8 @@ def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
         expected += [sample_id(s.key) for s in iter_tar_samples(io.BytesIO(data), TarReadResult())]
     assert len(expected) == n_train
 
-    seen = json.loads((tmp_path / "seen.json").read_text())  # [epoch][rank] -> ids in order
+    out = json.loads((tmp_path / "seen.json").read_text())
+    seen = out["seen"]  # [epoch][rank] -> ids in order
     assert len(seen) == 2 and all(len(ranks) == 2 for ranks in seen)
     for ranks in seen:
         flat = ranks[0] + ranks[1]
@@ -114,3 +130,47 @@ def test_two_train_workers_consume_every_sample_once(prepared, tmp_path):
         assert len(ranks[0]) == len(ranks[1]) == n_train // 2
     # The file order and the local shuffle change between epochs.
     assert seen[0][0] != seen[1][0]
+    import numpy as np
+
+    batches = build_training_dataset(cfg).iter_batches(batch_size=128, batch_format="numpy")
+    whole = {int(i): im for b in batches for i, im in zip(b["sample_id"], b["image"], strict=True)}
+    for epoch, images in enumerate(out["images"]):
+        ids = [int(i) for i in images]
+        crops = CROPS.crop_batch(np.stack([whole[i] for i in ids]), np.array(ids), draw=epoch)
+        assert [images[str(i)] for i in ids] == [digest(c) for c in crops]
+    common = set(out["images"][0]) & set(out["images"][1])
+    assert sum(out["images"][0][i] != out["images"][1][i] for i in common) > 0.9 * len(common)
+
+
+def test_dvae_crops_are_drawn_per_epoch_in_the_read_tasks_and_never_touch_validation(prepared):
+    """Paper §A.2: "The dVAE is trained on the same dataset as the transformer, using the data
+    augmentation code given in Listing 1." Each execution of the dataset (an epoch) crops every
+    training image afresh, exactly as Crops draws it for (seed, epoch, sample_id); a dataset built
+    again from the same config repeats epoch 0; validation images come through whole."""
+    import numpy as np
+
+    from tessera.data.loader import Crops, build_training_dataset
+
+    cfg, _ = prepared
+    crops = Crops(size=32, scale=(9 / 8, 12 / 8), flip=True, seed=3)
+
+    def images(ds) -> dict[int, np.ndarray]:
+        return {int(i): im for b in ds.iter_batches(batch_size=128, batch_format="numpy")
+                for i, im in zip(b["sample_id"], b["image"], strict=True)}
+
+    whole = images(build_training_dataset(cfg))
+    ids = sorted(whole)
+    ds = build_training_dataset(cfg, crops=crops)
+    epochs = [images(ds), images(ds)]
+    for epoch, seen in enumerate(epochs):
+        assert sorted(seen) == ids
+        got = np.stack([seen[i] for i in ids])
+        assert got.dtype == np.uint8 and got.shape == (len(ids), 32, 32, 3)
+        assert np.array_equal(got, crops.crop_batch(np.stack([whole[i] for i in ids]), np.array(ids),
+                                                    draw=epoch))
+    assert sum(not np.array_equal(epochs[0][i], epochs[1][i]) for i in ids) > 0.9 * len(ids)
+    again = images(build_training_dataset(cfg, crops=crops))
+    assert all(np.array_equal(again[i], epochs[0][i]) for i in ids)
+    val = images(build_training_dataset(cfg, split="val", crops=crops))
+    whole_val = images(build_training_dataset(cfg, split="val"))
+    assert sorted(val) == sorted(whole_val) and all(np.array_equal(val[i], whole_val[i]) for i in val)

@@ -144,10 +144,15 @@ class LoaderConfig(Section):
     batch_size: int = Field(64, ge=1)
     # Caption tokens per sample; longer captions are truncated, shorter ones padded (mask False).
     text_len: int = Field(64, ge=1, le=1024)
+    # Seeds the file order, the shuffle buffer, the dVAE's crops and BPE-dropout (with the epoch).
     shuffle_seed: int = 0
     file_shuffle: bool = True
     local_shuffle_buffer: int = Field(1_000, ge=0)
     prefetch_batches: int = Field(2, ge=0)
+    # BPE-dropout on the prior's training captions (paper: 0.1): each merge is skipped with this
+    # probability when a caption is re-tokenized, afresh each epoch; validation captions never. A
+    # segmentation that no longer fits text_len falls back to the plain one (no caption is cut by it).
+    bpe_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class StageTrainConfig(Section):
@@ -192,10 +197,26 @@ class DVAETrainConfig(StageTrainConfig):
     # a short run's posteriors outweigh the noise; tokens (argmax) do not depend on it.
     logit_scale: float = Field(1.0, gt=0)
     recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"  # the paper's; mse for small debug runs
+    # The paper's Listing 1 on training images (a random crop, resized to the model's input, and a
+    # random flip; validation images never); None: on for size paper only. Off for the shapes sizes:
+    # their images are already at the model's resolution, so the crop enlarges (blurs) a part of
+    # the image, and at the paper's scale leaves about 1 in 8 shapes objects less than half in frame.
+    augment: bool | None = None
+    # The listing's resize before its final crop, as multiples of the input side (paper: 9/8 to
+    # 12/8): the crop keeps 1/scale of the side. [1, 1.125] keeps shapes' objects in frame.
+    augment_scale: tuple[float, float] = (9 / 8, 12 / 8)
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # None: {run.root_uri}/dvae
     output_uri: Uri | None = None
+
+    @model_validator(mode="after")
+    def _augment_scale(self) -> DVAETrainConfig:
+        lo, hi = self.augment_scale
+        if not 1 <= lo <= hi:
+            raise ValueError(f"augment_scale must be [low, high] with 1 <= low <= high (the crop cannot "
+                             f"be larger than the image), got {list(self.augment_scale)}")
+        return self
 
 
 class PowerSGDConfig(Section):
@@ -383,11 +404,26 @@ class EncodeConfig(Section):
     # An actor per image shard at a time; its batch_size is images per dVAE forward.
     actors: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
     overwrite: bool = False  # redo token shards already published at output_uri
+    # Rows per training image: view 0 is the whole image, views 1.. are random crops of it (the
+    # paper's Listing 2), each a row of its own with its `view` index. Other splits: one view.
+    views: int = Field(1, ge=1)
+    # Listing 2's resize before its final crop, as multiples of the input side (paper: 1 to 9/8):
+    # the crop keeps 1/scale of the side (shapes objects keep ~98% of their area in frame on average).
+    view_scale: tuple[float, float] = (1.0, 9 / 8)
+    seed: int = 0  # view v of a sample is drawn from (seed, v, its key)
 
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data: Any) -> Any:
         return _move_flat_fields("encode", data, ("actors",))
+
+    @model_validator(mode="after")
+    def _view_scale(self) -> EncodeConfig:
+        lo, hi = self.view_scale
+        if not 1 <= lo <= hi:
+            raise ValueError(f"view_scale must be [low, high] with 1 <= low <= high (the crop cannot "
+                             f"be larger than the image), got {list(self.view_scale)}")
+        return self
 
 
 class ExportConfig(Section):

@@ -2,12 +2,18 @@
 stage consumes, and the worker-side iterator over its shard.
 
     manifest.json ─▶ shard URIs ─read_webdataset (file order shuffled per epoch, seeded)─▶
-    decode PNG/JPEG + tokenize captions (fused into the read tasks) ─▶ streaming_split by
-    Ray Train ─▶ iter_torch_batches (local shuffle buffer) in each worker
+    decode PNG/JPEG + tokenize captions [+ the dVAE's random crops] (fused into the read tasks)
+    ─▶ streaming_split by Ray Train ─▶ iter_torch_batches (local shuffle buffer) in each worker
 
 Batches are {"image": uint8 (B, H, W, 3), "text_ids": int32 (B, L), "text_mask": bool (B, L),
 "sample_id": int64 (B,)}. Images stay uint8 until the model moves them to its device (4x less to
 copy than float); sample_id is a stable hash of the sample key, for bookkeeping and tests.
+
+Crops (the paper's Listings 1 and 2): only the train split of the dataset a stage asks for with
+`crops` (the dVAE: tessera.training.ray_io.dvae_crops), and encode's extra views; validation images are never cropped.
+Each sample's crop is drawn from (seed, epoch, sample_id), so it does not depend on which task,
+worker or order the sample went through; "epoch" is the dataset's execution index, the counter
+Ray Data's own per-epoch reseeding (the file shuffle above) uses.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -63,8 +70,85 @@ def decode_batch(batch: dict, *, tokenizer_json: str, text_len: int, image_ext: 
     }
 
 
-def decode_shards(batch: dict, **decode_kwargs) -> dict:
-    """Whole tar shards (one per row, as read_binary_files gives them) -> decoded samples."""
+@dataclass(frozen=True)
+class Crops:
+    """The paper's random crop of a training image, drawn per sample:
+
+        a full square (side s = the shorter side): anywhere (Listing 1), or with its offset in the
+        middle quarter of the slack (`central`, Listing 2) ─▶ resized to t x t, t uniform over the
+        integers round(scale[0]·size) .. round(scale[1]·size) ─▶ a random size x size crop of that
+        ─▶ a random left-right flip (`flip`: Listing 1 only)
+
+    The resize and the crop are done as one resampling of the crop's window (side s·size/t) of
+    the source: area (box) filtering when it shrinks, as the listings' AREA resize, bilinear when
+    it enlarges. Unlike the listings, t is not capped at s: prepared images are already at the
+    model's resolution (s = size), where the capped listings leave the image whole; uncapped, the
+    window is 1/scale of the side and is enlarged to `size`.
+    """
+
+    size: int  # output side (the model's input resolution)
+    scale: tuple[float, float]  # t / size, each >= 1
+    flip: bool = False
+    central: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        lo, hi = self.scale
+        if not 1 <= lo <= hi:
+            raise ValueError(f"crop scale must satisfy 1 <= low <= high, got {self.scale}")
+
+    def crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """uint8 (H, W, 3) -> uint8 (size, size, 3)."""
+        h, w = image.shape[:2]
+        s, n = min(h, w), self.size
+        oy, ox = (_square_offset(rng, slack, self.central) for slack in (h - s, w - s))
+        t = int(rng.integers(round(self.scale[0] * n), round(self.scale[1] * n) + 1))
+        dy, dx = (int(d) for d in rng.integers(0, t - n + 1, size=2))
+        k = s / t  # source pixels per pixel of the t x t resize
+        box = (ox + dx * k, oy + dy * k, ox + (dx + n) * k, oy + (dy + n) * k)
+        resample = Image.Resampling.BOX if s >= t else Image.Resampling.BILINEAR
+        out = np.asarray(Image.fromarray(image).resize((n, n), resample=resample, box=box))
+        if self.flip and rng.random() < 0.5:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
+
+    def crop_batch(self, images: np.ndarray, sample_ids: np.ndarray, *, draw: int) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> uint8 (B, size, size, 3); sample i's crop is drawn from
+        (seed, draw, sample_ids[i]) alone, so `draw` (an epoch, a view) decides them all."""
+        out = np.empty((len(images), self.size, self.size, 3), np.uint8)
+        for i, (image, sid) in enumerate(zip(images, sample_ids, strict=True)):
+            out[i] = self.crop(image, sample_rng(self.seed, draw, int(sid)))
+        return out
+
+
+def _square_offset(rng: np.random.Generator, slack: int, central: bool) -> int:
+    if not central:
+        return int(rng.integers(0, slack + 1))
+    # Listing 2: uniform in [3·slack // 8, max(3·slack // 8 + 1, 5·slack // 8)).
+    lo = 3 * slack // 8
+    return int(rng.integers(lo, max(lo + 1, 5 * slack // 8)))
+
+
+def sample_rng(*parts: int) -> np.random.Generator:
+    """A generator for one sample's draw: parts are any ints (negative ones wrap to uint64)."""
+    return np.random.default_rng([p % 2**64 for p in parts])
+
+
+def dataset_epoch() -> int:
+    """Inside a Ray Data task: which execution of its dataset this is (0, 1, ...: one per epoch
+    of a Train run, whose streaming_split runs the dataset again each epoch). This is the private
+    counter Ray Data's public per-epoch reseeding keys on (FileShuffleConfig's
+    reseed_after_execution, ray.data.expressions.random); 0 outside a task. A job resumed from a
+    checkpoint builds its dataset anew, so its crops start again from epoch 0's, as its file
+    order does."""
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def decode_shards(batch: dict, *, crops: Crops | None = None, **decode_kwargs) -> dict:
+    """Whole tar shards (one per row, as read_binary_files gives them) -> decoded samples, each
+    image cropped by `crops` (drawn for this execution of the dataset) when given."""
     from tessera.data.tar import TarReadResult, iter_tar_samples
 
     ext = decode_kwargs["image_ext"]
@@ -78,7 +162,10 @@ def decode_shards(batch: dict, **decode_kwargs) -> dict:
         if result.truncated:
             # Prepared shards are written atomically, so this is storage corruption, not input noise.
             raise OSError(f"prepared shard is damaged: {result.error}")
-    return decode_batch(cols, **decode_kwargs)
+    out = decode_batch(cols, **decode_kwargs)
+    if crops is not None:
+        out["image"] = crops.crop_batch(out["image"], out["sample_id"], draw=dataset_epoch())
+    return out
 
 
 def read_validation_samples(data_uri: str, manifest: dict, *, limit: int, text_len: int,
@@ -102,8 +189,10 @@ def read_validation_samples(data_uri: str, manifest: dict, *, limit: int, text_l
     return {k: np.concatenate(v)[:limit] for k, v in parts.items()}
 
 
-def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri: str | None = None):
-    """The Ray Data dataset a training stage consumes (lazy: nothing is read until iterated)."""
+def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri: str | None = None,
+                           crops: Crops | None = None):
+    """The Ray Data dataset a training stage consumes (lazy: nothing is read until iterated);
+    `crops` (the dVAE's: ray_io.dvae_crops(cfg)) applies to the train split only."""
     import ray
     from ray.data import FileShuffleConfig
 
@@ -127,7 +216,8 @@ def build_training_dataset(cfg: TesseraConfig, *, split: str = "train", data_uri
         decode_shards,
         batch_size=None,
         fn_kwargs=dict(tokenizer_json=tokenizer_json, text_len=cfg.loader.text_len,
-                       image_ext=manifest["image_format"], resolution=manifest["resolution"]),
+                       image_ext=manifest["image_format"], resolution=manifest["resolution"],
+                       crops=crops if split == "train" else None),
     )
 
 

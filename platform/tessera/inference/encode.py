@@ -2,12 +2,19 @@
 
     prepared manifest ─▶ one row per image shard ─map_batches(ShardEncoder, actor pool)─▶
       in each actor (the dVAE loaded once): read the tar, check and decode every sample, tokenize
-      its caption, dVAE.encode in batches, write {generation}/{split}/shard-NNNNNN.parquet
+      its caption, dVAE.encode in batches [and encode.views - 1 random crops of each training
+      image], write {generation}/{split}/shard-NNNNNN.parquet
     ─▶ per-shard counts and skip reasons ─▶ manifest.json (written last: it publishes the tokens)
 
 Token shards map one-to-one onto image shards, so a rerun writes the same files, and a sample
 that cannot be decoded is counted under its reason and never reaches a token shard. The prior
 trains from these rows alone; no image is decoded again.
+
+Views (paper §B.2: "When training the transformer, we apply data augmentation to the images before
+encoding them using the dVAE encoder"): with encode.views = K a training image gives K rows, view 0
+of the whole image (what K = 1 writes) and views 1..K-1 of Listing 2's crops, view v drawn from
+(encode.seed, v, the sample's key); the rows of an image are adjacent and carry their `view`.
+Other splits keep one row (view 0) per image.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ class ShardEncoder:
     """A Ray Data actor: holds one dVAE and turns whole image shards into token shards."""
 
     def __init__(self, *, dvae_uri: str, opts: storage.StorageOptions, tokenizer_json: str, image_ext: str,
-                 resolution: int, batch_size: int, use_gpu: bool, measure_psnr: tuple[str, ...]):
+                 resolution: int, batch_size: int, use_gpu: bool, measure_psnr: tuple[str, ...],
+                 views: int = 1, view_scale: tuple[float, float] = (1.0, 9 / 8), seed: int = 0):
         import torch
 
         from tessera.data.tokenizer import CaptionTokenizer
@@ -52,6 +60,7 @@ class ShardEncoder:
         self.tokenizer = CaptionTokenizer.from_json(tokenizer_json)
         self.opts, self.image_ext, self.resolution = opts, image_ext, resolution
         self.batch_size, self.measure_psnr = batch_size, measure_psnr
+        self.views, self.view_scale, self.seed = views, view_scale, seed
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"path": [], "num_samples": [], "skipped": [], "psnr_sum": []}
@@ -101,6 +110,7 @@ class ShardEncoder:
     def encode_shard(self, src: str, dst: str, split: str) -> tuple[int, dict[str, int], float]:
         import torch
 
+        from tessera.data.loader import Crops, sample_id
         from tessera.models.dvae import psnr, to_model_input
 
         skipped = dict.fromkeys(REASONS, 0)
@@ -113,28 +123,43 @@ class ShardEncoder:
         images = images[keep]
 
         shape = self.model.shape
-        tokens = np.zeros((len(keys), shape.grid_size * shape.grid_size), np.int16)
+        views = self.views if split == "train" else 1
+        # Listing 2 at the dVAE's resolution: a near-central full square, resized to t ∈ [1, 9/8]·size
+        # by default, a random size x size crop of it; no flip (captions may say left or right).
+        crops = Crops(size=shape.image_size, scale=self.view_scale, central=True, seed=self.seed)
+        sids = np.array([sample_id(k) for k in keys], np.int64)
+        tokens = np.zeros((len(keys), views, shape.grid_size * shape.grid_size), np.int16)
         psnr_sum = 0.0
         with torch.inference_mode():
             for start in range(0, len(keys), self.batch_size):
-                x = to_model_input(torch.from_numpy(images[start:start + self.batch_size]).to(self.device),
-                                   shape.image_size)
-                t = self.model.encode(x)  # (b, G, G)
-                tokens[start:start + len(t)] = t.flatten(1).cpu().numpy().astype(np.int16)
-                if split in self.measure_psnr:
-                    psnr_sum += float(psnr(self.model.decode(t), x)) * len(t)
-        table = pa.table({
-            "key": pa.array(keys, pa.string()),
-            "split": pa.array([split] * len(keys), pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "text_ids": pa.array(text_ids, pa.list_(pa.int32())),
+                chunk = images[start:start + self.batch_size]
+                for view in range(views):
+                    pixels = chunk if view == 0 else crops.crop_batch(chunk, sids[start:start + len(chunk)],
+                                                                      draw=view)
+                    x = to_model_input(torch.from_numpy(pixels).to(self.device), shape.image_size)
+                    t = self.model.encode(x)  # (b, G, G)
+                    tokens[start:start + len(t), view] = t.flatten(1).cpu().numpy().astype(np.int16)
+                    if view == 0 and split in self.measure_psnr:
+                        psnr_sum += float(psnr(self.model.decode(t), x)) * len(t)
+        # Image-major rows: image i's views are rows i·V .. i·V + V - 1.
+        def per_row(values: list) -> list:
+            return [v for v in values for _ in range(views)]
+
+        columns = {
+            "key": pa.array(per_row(keys), pa.string()),
+            "split": pa.array([split] * (len(keys) * views), pa.string()),
+            "caption": pa.array(per_row(captions), pa.string()),
+            "text_ids": pa.array(per_row(text_ids), pa.list_(pa.int32())),
             "image_tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1), pa.int16()),
                                                               shape.grid_size * shape.grid_size),
-        }, schema=token_schema(shape.grid_size))
+        }
+        if self.views > 1:
+            columns["view"] = pa.array(np.tile(np.arange(views, dtype=np.int16), len(keys)), pa.int16())
+        table = pa.table(columns, schema=token_schema(shape.grid_size, views=self.views))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes(dst, buf.getvalue(), self.opts)
-        return len(keys), skipped, psnr_sum
+        return table.num_rows, skipped, psnr_sum
 
 
 def read_token_shard(uri: str, options: storage.StorageOptions | None = None) -> pa.Table:
@@ -181,7 +206,8 @@ def run_encode(cfg: TesseraConfig) -> dict:
         num_cpus=a.cpus_per_actor, num_gpus=1 if use_gpu else None,
         fn_constructor_kwargs=dict(dvae_uri=cfg.paths.encode_dvae, opts=opts, tokenizer_json=tokenizer_json,
                                    image_ext=data["image_format"], resolution=data["resolution"],
-                                   batch_size=a.batch_size, use_gpu=use_gpu, measure_psnr=measure),
+                                   batch_size=a.batch_size, use_gpu=use_gpu, measure_psnr=measure,
+                                   views=e.views, view_scale=e.view_scale, seed=e.seed),
     ).take_all()
     by_path = {r["path"]: r for r in results}
 
@@ -214,7 +240,8 @@ def run_encode(cfg: TesseraConfig) -> dict:
         "tokenizer": {"path": data["tokenizer"]["path"], "sha256": data["tokenizer"]["sha256"]},
         "data": {"uri": cfg.paths.data, "generation": data["generation"], "resolution": data["resolution"]},
         "dvae": {"uri": cfg.paths.encode_dvae, "step": dvae_meta.get("step"), "shape": shape},
-        "num_samples": total,
+        "num_samples": total,  # rows: with views > 1 a training image has `views` of them
+        "views": e.views,
         "splits": splits,
         "skipped": skipped,
         "skip_reasons": REASONS,
@@ -231,8 +258,10 @@ def run_encode(cfg: TesseraConfig) -> dict:
 
 
 def summarize(manifest: dict) -> str:
+    views = manifest.get("views", 1)
     lines = [f"token shards: {manifest['grid_size']}x{manifest['grid_size']} image tokens of "
-             f"{manifest['num_image_tokens']}, generation {manifest['generation']}"]
+             f"{manifest['num_image_tokens']}, generation {manifest['generation']}"
+             + (f", {views} views of each training image" if views > 1 else "")]
     for name, s in manifest["splits"].items():
         extra = (f"; round-trip PSNR {manifest['roundtrip_psnr'][name]:.2f} dB"
                  if name in manifest["roundtrip_psnr"] else "")

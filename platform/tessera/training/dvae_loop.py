@@ -1,6 +1,8 @@
 """Stage 1: the dVAE, on the shared training loop (tessera.training.skeleton).
 
     io.batches() ─uint8 (B,H,W,3)─▶ float (B,3,S,S) ─▶ engine(images, τ, β) ─▶ backward
+      (under dvae.augment the batches arrive as the paper's Listing 1 crops, made in the input
+       pipeline: tessera.training.ray_io.dvae_crops; validation images are never cropped)
       τ (Gumbel temperature) and β (KL weight) follow the paper's cosine schedules (§A.2)
       each report: reconstruction PSNR, KL, codebook use of the last micro-batch's argmax tokens
       each evaluation: PSNR and codebook use on fixed validation images, and a PNG grid of them

@@ -177,6 +177,19 @@ def input_manifest(cfg, name: str) -> dict:
     return load_manifest(cfg.paths.data, opts)
 
 
+def dvae_crops(cfg):
+    """The dVAE's training crops (the paper's Listing 1) under cfg.dvae.augment, or None when off
+    (None: on for the paper size only)."""
+    from tessera.data.loader import Crops
+    from tessera.models.dvae import NAMED_SHAPES
+
+    d = cfg.dvae
+    if not (d.augment if d.augment is not None else d.size == "paper"):
+        return None
+    return Crops(size=NAMED_SHAPES[d.size].image_size, scale=d.augment_scale, flip=True,
+                 seed=cfg.loader.shuffle_seed)
+
+
 def training_dataset(cfg, name: str):
     """The Ray Data dataset stage `name` reads: token shards for the prior, else image shards."""
     if name == "prior":
@@ -185,7 +198,9 @@ def training_dataset(cfg, name: str):
         return build_token_dataset(cfg, input_manifest(cfg, name))
     from tessera.data.loader import build_training_dataset
 
-    return build_training_dataset(cfg)
+    # Only the dVAE crops (the paper's Listing 1): the reranker's captions say where things are,
+    # which a flip would falsify.
+    return build_training_dataset(cfg, crops=dvae_crops(cfg) if name == "dvae" else None)
 
 
 def fit(cfg, name: str):
