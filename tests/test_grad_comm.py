@@ -1,5 +1,7 @@
-"""Compressed gradient communication under real Ray Train workers and a real DeepSpeed ZeRO-3
-engine: 4 workers declared as 2 nodes × 2 ranks (gloo on CPU), the debug prior's width and depth.
+"""Compressed gradient communication: which tensors PowerSGD compresses (the paper's rule, on the
+debug prior, before and after real DeepSpeed ZeRO-3 partitioning in two gloo processes), then the
+whole path under real Ray Train workers and a real DeepSpeed ZeRO-3 engine: 4 workers declared as
+2 nodes × 2 ranks (gloo on CPU), the debug prior's width and depth.
 
 `powersgd` keeps every worker's parameters bit-identical after every step (checked by the loop's
 own replica verification), learns, and sends a fraction of `none`'s bytes across the node
@@ -7,13 +9,143 @@ boundary; its error-feedback state survives a failure and resume (the resumed ru
 uninterrupted one's losses). `zeropp` (hierarchical partitioning alone, the part that runs on CPU)
 computes the same steps as `none` with its parameter gathers inside the node."""
 
+import os
+import socket
+
 import pytest
+import torch
 from test_train_prior import TINY, fit, synthetic_rows
+from torch import nn
 from train_harness import losses, reports
 
 from tessera.config import load_config
+from tessera.models.prior import NAMED_SHAPES, Prior
+from tessera.parallel.powersgd import PowerSGD
+from tessera.training.grad_comm import compressible_weights, parameter_roles, plan_tensors
 
-pytestmark = pytest.mark.integration
+DEBUG = NAMED_SHAPES["debug"]
+
+
+def paper_sets(model: Prior) -> tuple[set[str], set[str]]:
+    """(uncompressed, compressed) parameter names of the prior by the paper's rule, written out from
+    the model's own attributes: appendix E, "We use PowerSGD (Vogels et al., 2019) to compress the
+    gradients with respect to all parameters except the embeddings, unembeddings, gains, and biases." """
+    embeddings = {"text_emb.weight", "image_emb.weight", "text_pad", "text_pos", "image_row", "image_col"}
+    unembeddings = {"text_head.weight", "image_head.weight"}
+    gains_and_biases = {n for n, p in model.named_parameters() if p.ndim == 1}
+    matrices = {f"blocks.{i}.{m}.weight" for i in range(len(model.blocks))
+                for m in ("attn.qkv", "attn.out", "ff.inp", "ff.out")}
+    return embeddings | unembeddings | gains_and_biases, matrices
+
+
+@pytest.mark.parametrize("variant", [{}, {"glu": True, "normformer": True}])
+def test_the_paper_s_uncompressed_set_on_the_debug_prior(variant):
+    """Appendix E: "We use PowerSGD (Vogels et al., 2019) to compress the gradients with respect to
+    all parameters except the embeddings, unembeddings, gains, and biases." Appendix D: "We disable
+    gradient compression for these parameters (though PowerSGD would not make sense for 1D
+    parameters like gains and biases)." """
+    from dataclasses import replace
+
+    model = Prior(replace(DEBUG, **variant), attention_impl="dense")
+    uncompressed, compressed = paper_sets(model)
+    names = {n for n, _ in model.named_parameters()}
+    assert uncompressed | compressed == names and not uncompressed & compressed
+
+    roles = parameter_roles(model)
+    assert {n for n, r in roles.items() if r == "matrix"} == compressed
+    assert {n for n, r in roles.items() if r != "matrix"} == uncompressed
+    assert roles["text_head.weight"] == roles["image_head.weight"] == "unembedding"
+    assert roles["text_emb.weight"] == roles["image_row"] == "embedding"
+    assert roles["norm.weight"] == "gain" and roles["blocks.0.attn.qkv.bias"] == roles["norm.bias"] == "bias"
+    ids = {id(p): n for n, p in model.named_parameters()}
+    assert {ids[i] for i in compressible_weights(model)} == compressed
+
+    # What PowerSGD is handed: the same split, on the whole tensors of one process.
+    planned = plan_tensors(model)
+    psgd = PowerSGD([spec for *_, spec in planned], rank=4)
+    assert {planned[i][0] for i in psgd.dense} == uncompressed
+    assert {planned[i][0] for i in psgd.compressed} == compressed
+
+
+def test_a_renamed_head_is_refused_not_compressed():
+    class Renamed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_head = nn.Linear(8, 16, bias=False)
+            self.logits = nn.Linear(8, 16, bias=False)  # an unembedding under an unknown name
+
+    with pytest.raises(ValueError, match=r"no module named \['image_head'\].*PRIOR_UNEMBEDDINGS"):
+        parameter_roles(Renamed())
+    roles = parameter_roles(Renamed(), unembeddings=("text_head", "logits"))
+    assert roles == {"text_head.weight": "unembedding", "logits.weight": "unembedding"}
+
+
+def _zero3_member(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    from tessera.training.skeleton import join_process_group
+
+    join_process_group(use_gpu=False)
+    import deepspeed
+
+    from tessera.parallel.deepspeed_config import build_deepspeed_config
+
+    torch.manual_seed(0)
+    model = Prior(DEBUG, attention_impl="dense")
+    before = parameter_roles(model)
+    ds = build_deepspeed_config(micro_batch=1, grad_accum=1, world_size=2, zero_stage=3)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds)  # as GradComm.partition does
+    planned = plan_tensors(model)
+    sizes: list[int] = []  # elements of each all-reduce this member sends: the byte ledger's input
+
+    def all_reduce_mean(t: torch.Tensor) -> None:
+        sizes.append(t.numel())
+        torch.distributed.all_reduce(t)
+        t.div_(2)
+
+    psgd = PowerSGD([spec for *_, spec in planned], rank=4, all_reduce=all_reduce_mean)
+    g = torch.Generator().manual_seed(rank)
+    grads = [torch.randn(spec.numel, generator=g) for *_, spec in planned]
+    psgd.reduce_(grads)
+    torch.save({"before": before, "after": parameter_roles(model),
+                "partitioned": all(p.numel() == 0 for p in model.parameters()),
+                "planned": [(n, p.ds_tensor.numel(), spec) for n, p, spec in planned],
+                "dense": [planned[i][0] for i in psgd.dense],
+                "compressed": [planned[i][0] for i in psgd.compressed], "sizes": sizes}, out.format(rank))
+    deepspeed.comm.destroy_process_group()
+
+
+def test_the_uncompressed_set_survives_zero3_partitioning():
+    """The same rule on each rank's ZeRO-3 partition, in two real gloo processes (appendix E, as
+    above), and the rank of each partition's factors is `rank` (appendix B.2: "each GPU uses a
+    compression rank of 112 for its parameter shards"). The first all-reduce's size is the ledger's
+    count: every P factor plus every uncompressed partition, whole."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "member{}.pt")
+        mp.start_processes(_zero3_member, args=(port, out), nprocs=2, start_method="spawn")
+        members = [torch.load(out.format(r), weights_only=False) for r in range(2)]
+    uncompressed, compressed = paper_sets(Prior(DEBUG, attention_impl="dense"))
+    for m in members:
+        assert m["partitioned"]  # ZeRO-3 did take the parameters apart
+        assert m["after"] == m["before"]
+        assert set(m["dense"]) == uncompressed and set(m["compressed"]) == compressed
+        specs = {name: spec for name, _, spec in m["planned"]}
+        assert all(spec.numel == numel for _, numel, spec in m["planned"])  # this rank's partition
+        p_elements = sum(specs[n].matrix[0] * 4 for n in compressed)
+        q_elements = sum(specs[n].matrix[1] * 4 for n in compressed)
+        dense_elements = sum(specs[n].numel for n in uncompressed)
+        assert m["sizes"] == [p_elements + dense_elements, q_elements]
+        # The text head travels whole: its 1024 vocabulary rows of 256, halved by ZeRO-3 over 2 ranks.
+        assert specs["text_head.weight"].numel == 1024 * 256 // 2
+        assert specs["text_head.weight"].matrix is None and specs["image_head.weight"].matrix is None
+
 
 # The debug size's width and depth (dim 256, depth 4, 8 heads; the debug preset narrows the demo's
 # prior to dim 192) on TINY's short sequences.
@@ -38,6 +170,7 @@ def per_step(log, key):
     return sum(m[key] for m in reports(log)) / len(reports(log))
 
 
+@pytest.mark.integration
 def test_powersgd_and_zeropp_two_nodes_of_two_ranks(ray_cluster, tmp_path):
     import ray.train
 

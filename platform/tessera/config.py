@@ -220,14 +220,32 @@ class DVAETrainConfig(StageTrainConfig):
 
 
 class PowerSGDConfig(Section):
-    # Rank of the factors (P: rows × rank, Q: cols × rank) for each weight-matrix shard.
+    """PowerSGD between nodes as the paper's §2.5 and appendix E (tessera.parallel.powersgd)."""
+
+    # Rank of the factors (P: rows × rank, Q: cols × rank) of each weight-matrix shard, i.e. per GPU:
+    # the paper's "total compression rank 896 (so that each GPU uses a compression rank of 112 for
+    # its parameter shards)" is rank: 112 on 8-GPU nodes.
     rank: int = Field(4, ge=1)
-    # Q from the previous step (one power iteration per step) or a fresh shared random Q.
-    warm_start: bool = True
+    # How Q changes between steps. fixed (the paper): one shared random Gaussian Q drawn at the start
+    # of training and never updated. Beyond the paper: warm_start (Vogels et al.: the last step's
+    # factor, one power iteration per step); resample (a fresh Q each step, which the paper reports
+    # "causes a large performance hit"; for ablations).
+    q_update: Literal["fixed", "warm_start", "resample"] = "fixed"
     error_feedback: bool = True
     seed: int = 0
+    # ε of the ε·I added to P before its Householder orthogonalisation (paper: 1e-6), relative to P's
+    # largest entry (the paper's P is pre-scaled by tuned constants; tessera's is not).
+    orthogonalization_eps: float = Field(1e-6, ge=0, lt=1)
     # Optimizer steps averaged exactly before compression starts (torch's start_powerSGD_iter); 0: none.
     start_step: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "warm_start" in data:
+            raise ValueError("powersgd.warm_start was replaced by powersgd.q_update: fixed (the paper), "
+                             "warm_start (warm_start: true) or resample (warm_start: false)")
+        return data
 
 
 class ZeroPPConfig(Section):

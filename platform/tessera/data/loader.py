@@ -10,7 +10,8 @@ Batches are {"image": uint8 (B, H, W, 3), "text_ids": int32 (B, L), "text_mask":
 copy than float); sample_id is a stable hash of the sample key, for bookkeeping and tests.
 
 Crops (the paper's Listings 1 and 2): only the train split of the dataset a stage asks for with
-`crops` (the dVAE: tessera.training.ray_io.dvae_crops), and encode's extra views; validation images are never cropped.
+`crops` (the dVAE: tessera.training.ray_io.dvae_crops), and encode's extra views; validation
+images are never cropped.
 Each sample's crop is drawn from (seed, epoch, sample_id), so it does not depend on which task,
 worker or order the sample went through; "epoch" is the dataset's execution index, the counter
 Ray Data's own per-epoch reseeding (the file shuffle above) uses.

@@ -1,18 +1,26 @@
-"""PowerSGD (Vogels et al., 2019) with error feedback: averages a fixed list of gradient tensors
-over a process group, sending two thin factors per matrix instead of the matrix.
+"""PowerSGD (Vogels et al., 2019) with error feedback, as the DALL·E paper adapts it (Ramesh et al.
+2021, §2.5 and appendix E): averages a fixed list of gradient tensors over a process group, sending
+two thin factors per matrix instead of the matrix.
 
-For each compressed matrix M (n, m) — this rank's gradient plus its error-feedback buffer E:
+For each compressed matrix M (n, m) — this rank's gradient plus its error-feedback buffer E — and
+its projection Q (m, r):
 
-    P = M Q            (n, r)   all-reduce mean; orthonormalise the columns of P
-    Q = Mᵀ P           (m, r)   all-reduce mean
-    M̂ = P Qᵀ                    the same on every rank: the estimate of mean(M)
+    P = M Q            (n, r)   all-reduce mean; P += ε·s·I_{n×r}; orthonormalise P's columns
+                                (Householder QR, in fp32)
+    R = Mᵀ P           (m, r)   all-reduce mean
+    M̂ = P Rᵀ                    the same on every rank: the estimate of mean(M)
     E ← M − M̂                   what this rank's gradient lost, added back at the next step
 
-Q is warm-started from the previous step (one power iteration per step), or drawn afresh each
-step from a seed shared by the group. Tensors too small to gain (r·(n + m) ≥ n·m / 2) and those
-the caller marks uncompressed travel in full, in the same buffer as the P factors, so one step
-is two all-reduces however many tensors there are. Every member must call `reduce_` with tensors
-of the same shapes in the same order.
+Q is by default the paper's: "fixing Q to a random gaussian matrix at the start of training, and
+never updating it" (§2.5), drawn from a seed shared by the group, so every member (and a resumed
+run) holds the same Q. Beyond the paper: `q_update="warm_start"` takes the next step's Q from this
+step's R (Vogels et al.'s power iteration), and `"resample"` draws a fresh Q every step (which the
+paper reports "causes a large performance hit"; for ablations only).
+
+Tensors too small to gain (r·(n + m) ≥ n·m / 2) and those the caller marks uncompressed (the
+paper's embeddings, unembeddings, gains and biases: tessera.training.grad_comm decides) travel in
+full, in fp32, in the same buffer as the P factors, so one step is two all-reduces however many
+tensors there are. Every member must call `reduce_` with tensors of the same shapes in the same order.
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ class ReduceStats:
 
 AllReduce = Callable[[torch.Tensor], None]
 
+# How Q changes between steps: the paper's "fixed"; Vogels et al.'s "warm_start"; "resample".
+Q_UPDATES = ("fixed", "warm_start", "resample")
+# The paper's ε (appendix E.2 step 5): "We also add εI_{m×r} to P ... where ε = 10⁻⁶".
+ORTHOGONALIZATION_EPS = 1e-6
+
 
 def group_mean_all_reduce(group=None) -> AllReduce:
     """In-place mean over `group` (identity without a process group)."""
@@ -76,13 +89,18 @@ def group_mean_all_reduce(group=None) -> AllReduce:
 
 
 class PowerSGD:
-    def __init__(self, specs: Sequence[TensorSpec], *, rank: int, warm_start: bool = True,
-                 error_feedback: bool = True, seed: int = 0, all_reduce: AllReduce | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, specs: Sequence[TensorSpec], *, rank: int, q_update: str = "fixed",
+                 error_feedback: bool = True, seed: int = 0, eps: float = ORTHOGONALIZATION_EPS,
+                 all_reduce: AllReduce | None = None, device: torch.device | str = "cpu"):
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
+        if q_update not in Q_UPDATES:
+            raise ValueError(f"PowerSGD q_update must be one of {Q_UPDATES}, got {q_update!r}")
+        if eps < 0:
+            raise ValueError(f"PowerSGD eps must be >= 0, got {eps}")
         self.rank = rank
-        self.warm_start = warm_start
+        self.q_update = q_update
+        self.eps = eps
         self.error_feedback = error_feedback
         self.seed = seed
         self.all_reduce = all_reduce or group_mean_all_reduce()
@@ -125,28 +143,28 @@ class PowerSGD:
         offset = 0
         for i in self.compressed:
             n = ps[i].numel()
-            ps[i] = _orthonormal_columns(first[offset:offset + n].view_as(ps[i]))
+            ps[i] = orthonormal_columns(first[offset:offset + n].view_as(ps[i]), eps=self.eps)
             offset += n
         for i in self.dense:
             n = tensors[i].numel()
             tensors[i].view(-1).copy_(first[offset:offset + n])
             offset += n
 
-        # Second all-reduce: every Q = Mᵀ P (m, r).
+        # Second all-reduce: every R = Mᵀ P (m, r).
         if self.compressed:
-            new_qs = {i: mats[i].T @ ps[i] for i in self.compressed}
-            second = torch.cat([new_qs[i].reshape(-1) for i in self.compressed])
+            rs = {i: mats[i].T @ ps[i] for i in self.compressed}
+            second = torch.cat([rs[i].reshape(-1) for i in self.compressed])
             self.all_reduce(second)
             offset = 0
             for i in self.compressed:
-                n = new_qs[i].numel()
-                q = second[offset:offset + n].view_as(new_qs[i])
+                n = rs[i].numel()
+                r = second[offset:offset + n].view_as(rs[i])
                 offset += n
-                estimate = ps[i] @ q.T  # (n, m), identical on every member
+                estimate = ps[i] @ r.T  # (n, m), identical on every member
                 if self.error_feedback:
                     self.errors[i] = mats[i] - estimate
-                if self.warm_start:
-                    self.qs[i] = q.clone()
+                if self.q_update == "warm_start":
+                    self.qs[i] = r.clone()
                 tensors[i].view(-1).copy_(estimate.reshape(-1)[: tensors[i].numel()])
         self.steps += 1
         return self.plan()
@@ -174,10 +192,19 @@ class PowerSGD:
         return mat
 
     def _q(self, i: int, m: int, dtype) -> torch.Tensor:
-        if self.warm_start and i in self.qs:
+        if self.q_update != "resample" and i in self.qs:
             return self.qs[i]
-        # The same draw on every member: seeded by (seed, step, tensor), never by rank.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.steps * 7_919 + i) % (2**63))
+        q = self.initial_q(i, m, dtype=dtype)
+        if self.q_update == "fixed":
+            self.qs[i] = q  # never updated: the paper's Q
+        return q
+
+    def initial_q(self, i: int, m: int, *, dtype=torch.float32) -> torch.Tensor:
+        """Tensor i's Gaussian Q (m, r): the same draw on every member, seeded by (seed, tensor)
+        and, for "resample" only, the step; never by rank. Drawn on the CPU so every device agrees,
+        and so a run resumed without its state files draws the fixed Q it had."""
+        step = self.steps if self.q_update == "resample" else 0
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7_919 + i) % (2**63))
         return torch.randn(m, self.rank, generator=g, dtype=dtype).to(self.device)
 
     # --- checkpoint --------------------------------------------------------------------------------
@@ -196,9 +223,21 @@ class PowerSGD:
                 raise ValueError(f"PowerSGD state has tensor {i}, which this plan does not compress")
 
 
-def _orthonormal_columns(p: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis (n, r) of a space holding P's columns. Where P is rank-deficient the
-    Householder QR still returns orthonormal columns, so P̂ P̂ᵀ M projects M onto a space containing
-    M Q's span (no division by a zero norm, as Gram–Schmidt would do). Same P, same result on
-    every member."""
+def orthonormal_columns(p: torch.Tensor, *, eps: float = ORTHOGONALIZATION_EPS) -> torch.Tensor:
+    """Orthonormal basis (n, r) of (nearly) the span of P's columns, n ≥ r, the paper's way
+    (appendix E.2 step 5): Householder QR rather than Gram–Schmidt ("we found the latter to be
+    numerically unstable"), after adding ε·I_{n×r} (the r×r identity on top, zeros below) so the
+    input is not rank-deficient. Computed in fp32 whatever P's dtype.
+
+    The paper's P is pre-scaled by hand-tuned constants (appendices D, E.2 step 3); tessera's is the
+    raw fp32 mean, whose magnitude follows the gradients', so ε is taken relative to P's largest
+    entry (absolute where P is all zero, which then yields the first r unit vectors). Deterministic:
+    the same P gives the same basis on every member."""
+    n, r = p.shape
+    if n < r:
+        raise ValueError(f"cannot orthonormalise {r} columns of length {n}")
+    p = p.to(torch.float32, copy=True)
+    scale = p.abs().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    p.diagonal().add_(eps * scale)  # (r,) = the top r×r block's diagonal
     return torch.linalg.qr(p, mode="reduced").Q

@@ -8,8 +8,10 @@
               accumulation boundary, each rank's gradient partition is averaged with the ranks
               holding the same partition on the other nodes by PowerSGD with error feedback
               (`deepspeed.utils.safe_get_local_grad` / `safe_set_local_grad` read and write the
-              partition; DeepSpeed then clips and steps as usual). Linear weights are compressed;
-              embeddings, gains and biases travel uncompressed in the same all-reduce.
+              partition; DeepSpeed then clips and steps as usual). As the paper's appendix E: "We use
+              PowerSGD ... to compress the gradients with respect to all parameters except the
+              embeddings, unembeddings, gains, and biases" — those travel whole, in fp32, in the same
+              all-reduce as the P factors (`parameter_roles`).
     zeropp    DeepSpeed ZeRO++: hierarchical partitioning with the secondary group = a node
               (`zero_hpz_partition_size`), and quantized weights / gradients where the hardware
               has DeepSpeed's CUDA kernels (refused at config load otherwise).
@@ -21,6 +23,7 @@ reports them per optimizer step.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from pathlib import Path
 
@@ -61,20 +64,79 @@ def node_layout(ranks_per_node: int | None) -> NodeLayout:
     return NodeLayout.from_node_ids(ids)
 
 
-def compressible_weights(model: nn.Module) -> dict[int, int]:
-    """id(weight) -> columns of its matrix, for every weight of a layer that multiplies (Linear,
-    convolutions); embeddings and 1-D parameters (gains, biases) are absent."""
-    out = {}
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
+# The prior's unembeddings: its output heads (tessera.models.prior.Prior), by module name.
+PRIOR_UNEMBEDDINGS = ("text_head", "image_head")
+UNCOMPRESSED_ROLES = ("embedding", "unembedding", "gain", "bias")
+
+
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """The parameter's own shape, also once ZeRO-3 has partitioned it (p.shape is then (0,))."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def parameter_roles(model: nn.Module, *, unembeddings=PRIOR_UNEMBEDDINGS) -> dict[str, str]:
+    """Qualified parameter name -> its role in the paper's terms: "matrix" (compressed), or one of
+    UNCOMPRESSED_ROLES. Decided from the module tree, the names and the full shapes alone, so the
+    answer is the same before and after ZeRO-3 partitions the parameters (same objects, same
+    names; `ds_shape` keeps the shape).
+
+    The first rule that applies decides:
+        weights of an nn.Embedding                  embedding
+        1-D parameters                              bias (named *bias), else gain
+        in a module named in `unembeddings`         unembedding (the prior's output heads)
+        Linear / convolution weights                matrix
+        any other parameter                         embedding (the prior's padding, position, row
+                                                    and column tables)
+
+    ValueError when a module named in `unembeddings` is missing: a renamed head would otherwise be
+    compressed without a word."""
+    roles: dict[str, str] = {}
+    found: set[str] = set()
+    for module_name, module in model.named_modules():
+        heads = [part for part in module_name.split(".") if part in unembeddings]  # a head or inside one
+        found.update(heads)
+        for name, p in module.named_parameters(recurse=False):
+            qualified = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, nn.Embedding):
+                role = "embedding"
+            elif len(full_shape(p)) == 1:
+                role = "bias" if name.endswith("bias") else "gain"
+            elif heads:
+                role = "unembedding"
+            elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and name == "weight":
+                role = "matrix"
+            else:
+                role = "embedding"
+            roles[qualified] = role
+    missing = [u for u in unembeddings if u not in found]
+    if missing:
+        raise ValueError(f"grad_comm: the model has no module named {missing}; the unembeddings "
+                         f"{list(unembeddings)} (the prior's output heads) must travel uncompressed, "
+                         "so update PRIOR_UNEMBEDDINGS if the heads were renamed")
+    return roles
+
+
+def compressible_weights(model: nn.Module, *, unembeddings=PRIOR_UNEMBEDDINGS) -> dict[int, int]:
+    """id(weight) -> columns of its matrix, for every parameter PowerSGD compresses (role "matrix")."""
+    roles = parameter_roles(model, unembeddings=unembeddings)
+    return {id(p): math.prod(full_shape(p)[1:]) for name, p in model.named_parameters()
+            if roles[name] == "matrix"}
+
+
+def plan_tensors(model: nn.Module, *, unembeddings=PRIOR_UNEMBEDDINGS
+                 ) -> list[tuple[str, nn.Parameter, TensorSpec]]:
+    """(name, parameter, spec) for every trainable parameter, in named_parameters() order: the list
+    PowerSGD averages. Each spec holds this rank's partition (`ds_tensor` under ZeRO-3, else the
+    whole tensor); a "matrix" partition is viewed as rows of the weight's columns (a ZeRO shard of
+    a weight is a block of its rows), every other role is sent uncompressed."""
+    roles = parameter_roles(model, unembeddings=unembeddings)
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
             continue
-        w = getattr(m, "weight", None)
-        if isinstance(w, nn.Parameter) and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            shape = tuple(getattr(w, "ds_shape", w.shape))
-            cols = 1
-            for s in shape[1:]:
-                cols *= s
-            out[id(w)] = cols
+        numel = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        matrix = matrix_view(numel, math.prod(full_shape(p)[1:])) if roles[name] == "matrix" else None
+        out.append((name, p, TensorSpec(numel, matrix)))
     return out
 
 
@@ -150,13 +212,9 @@ class GradComm:
             self.ledger.install()
         if self.method != "powersgd" or self.replica_group is None:
             return
-        columns = compressible_weights(engine.module)
-        self._params = [p for p in engine.module.parameters() if p.requires_grad]
-        specs = []
-        for p in self._params:
-            numel = p.ds_tensor.numel()
-            cols = columns.get(id(p))
-            specs.append(TensorSpec(numel, matrix_view(numel, cols) if cols else None))
+        planned = plan_tensors(engine.module)
+        self._params = [p for _, p, _ in planned]
+        specs = [spec for _, _, spec in planned]
         members = torch.distributed.get_process_group_ranks(self.replica_group)
         group = self.replica_group
 
@@ -166,8 +224,9 @@ class GradComm:
             t.div_(len(members))
 
         c = self.cfg.powersgd
-        self.powersgd = PowerSGD(specs, rank=c.rank, warm_start=c.warm_start, error_feedback=c.error_feedback,
-                                 seed=c.seed, all_reduce=all_reduce_mean, device=engine.device)
+        self.powersgd = PowerSGD(specs, rank=c.rank, q_update=c.q_update, error_feedback=c.error_feedback,
+                                 seed=c.seed, eps=c.orthogonalization_eps, all_reduce=all_reduce_mean,
+                                 device=engine.device)
 
     # --- every optimizer step --------------------------------------------------------------------
     def reduce(self, step: int, skip: bool = False) -> None:
