@@ -161,3 +161,14 @@ def test_the_cluster_prior_trains_with_the_papers_bpe_dropout():
     training." The dVAE's Listing 1 crops are on for the paper-size dVAE (dvae.augment None)."""
     cfg = load_config("cluster")
     assert cfg.loader.bpe_dropout == 0.1 and cfg.dvae.size == "paper" and cfg.dvae.augment is not False
+
+
+def test_the_cluster_prior_uses_the_papers_method_between_nodes():
+    """Paper §2.5: "We also found the warm-start procedure for the Q matrix described in Vogels et
+    al. to be unnecessary: we were able to get equivalent results by fixing Q to a random gaussian
+    matrix at the start of training, and never updating it." Appendix E: PowerSGD compresses "the
+    gradients with respect to all parameters except the embeddings, unembeddings, gains, and
+    biases" — between machines, over ZeRO-3 shards within each machine."""
+    p = load_config("cluster").prior
+    assert (p.zero_stage, p.grad_comm.method, p.grad_comm.powersgd.q_update) == (3, "powersgd", "fixed")
+    assert p.grad_comm.powersgd.error_feedback and p.activation_checkpointing
