@@ -47,7 +47,7 @@ def run_setting(method: str, rank: int, args, root: str) -> tuple[dict, float]:
                  f"prior.checkpoint_every={args.steps}", "prior.grid_captions=0", "prior.precision=fp32",
                  f"prior.warmup_steps={min(100, args.steps // 10)}", "ray.data_cpu_limit=1",
                  f"prior.grad_comm.method={method}", f"prior.grad_comm.powersgd.rank={rank}",
-                 f"prior.grad_comm.powersgd.start_step={args.start_step}"]
+                 f"prior.grad_comm.powersgd.start_step={args.start_step}", *args.set]
     cfg = load_config("debug", overrides)
     started = time.time()
     result = fit(cfg, "prior")
@@ -66,6 +66,8 @@ def main() -> int:
                     help="PowerSGD averages exactly for this many steps first (powersgd.start_step)")
     ap.add_argument("--micro-batch", type=int, default=8, help="per worker (4 workers)")
     ap.add_argument("--report-every", type=int, default=25)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for every setting, e.g. prior.activation_checkpointing=true")
     args = ap.parse_args()
     if "://" not in args.tokens and not Path(args.tokens, "manifest.json").exists():
         sys.exit(f"no token dataset at {args.tokens} (manifest.json missing): run `make demo` first, "
@@ -123,6 +125,10 @@ def main() -> int:
         print(f"rank {r}: final val loss {psgd['val_loss']:.4f} vs {base['val_loss']:.4f} "
               f"({100 * summary['val_loss_gap']:+.2f}%); train loss {100 * summary['train_loss_gap']:+.2f}%; "
               "target within 2%")
+        whole = psgd["powersgd_uncompressed_bytes"]
+        print(f"rank {r}: sent uncompressed (rank 0's shards, {whole:,} bytes per step):")
+        for role, names in sorted(psgd["powersgd_uncompressed"].items()):
+            print(f"  {role}: {', '.join(names)}")
         print(json.dumps(summary))
     return 0
 

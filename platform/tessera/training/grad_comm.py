@@ -214,6 +214,8 @@ class GradComm:
             return
         planned = plan_tensors(engine.module)
         self._params = [p for _, p, _ in planned]
+        roles = parameter_roles(engine.module)
+        self._roles = [(name, roles[name]) for name, _, _ in planned]
         specs = [spec for _, _, spec in planned]
         members = torch.distributed.get_process_group_ranks(self.replica_group)
         group = self.replica_group
@@ -285,6 +287,14 @@ class GradComm:
         if self.powersgd is not None:
             plan = self.powersgd.plan()
             out["powersgd_sent_fraction"] = plan.sent_elements / max(plan.dense_elements, 1)
+            # What goes uncompressed, by role: the paper's set, plus matrices too small to gain.
+            whole: dict[str, list[str]] = {}
+            for i in self.powersgd.dense:
+                name, role = self._roles[i]
+                whole.setdefault(role if role != "matrix" else "matrix (too small to gain)", []).append(name)
+            out["powersgd_uncompressed"] = whole
+            dense = self.powersgd.dense
+            out["powersgd_uncompressed_bytes"] = 4 * sum(self.powersgd.specs[i].numel for i in dense)
         return out
 
     def uncounted(self):
