@@ -1,5 +1,6 @@
 """The parameter EMA keeps 1/world of an fp32 copy per rank and still averages exactly what a
-whole copy would: two gloo ranks, real DeepSpeed engines (ZeRO-3 and ZeRO-2) on CPU."""
+whole copy would, and evaluation runs the average without a whole copy: two gloo ranks, real
+DeepSpeed engines (ZeRO-3 and ZeRO-2) on CPU."""
 
 import os
 import socket
@@ -42,11 +43,20 @@ def _member(rank: int, port: int, zero_stage: int, out: str) -> None:
         for n, v in whole().items():
             reference[n].lerp_(v, 0.5)
     full = ema.full()
+    trained = whole()
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), ema.swapped_into(engine.module) as inside:  # evaluation's way: no whole copy
+        swapped = inside(x)
+    reference_model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference_model.load_state_dict(reference)
+    with torch.no_grad():
+        expected = reference_model(x)
     state = ema.state_dict()
     again = ParameterEMA(engine.module, 0.5, zero_stage=zero_stage)
     again.load_state_dict(state)
     torch.save({"full": full, "reference": reference, "local_bytes": ema.local_bytes,
-                "again": again.full(), "trained": whole()}, out.format(rank))
+                "again": again.full(), "trained": trained, "after_swap": whole(), "swapped": swapped,
+                "expected": expected}, out.format(rank))
     torch.distributed.destroy_process_group()
 
 
@@ -66,5 +76,9 @@ def test_each_rank_keeps_half_and_the_whole_average_is_exact(zero_stage, tmp_pat
         torch.testing.assert_close(a["full"][n], a["reference"][n], rtol=1e-6, atol=1e-7, msg=n)
         assert torch.equal(a["full"][n], b["full"][n]) and torch.equal(a["again"][n], a["full"][n])
         assert not torch.equal(a["full"][n], a["trained"][n])  # an average, not the last weights
+    # Evaluating inside swapped_into() runs the average; leaving it restores the trained weights.
+    for r in (a, b):
+        torch.testing.assert_close(r["swapped"], r["expected"], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(r["after_swap"][n], r["trained"][n]) for n in numels)
     # Each rank: ceil(numel / 2) fp32 values per parameter, not the whole model.
     assert a["local_bytes"] == b["local_bytes"] == 4 * sum(-(-n // 2) for n in numels.values())

@@ -78,12 +78,12 @@ class DVAEStage(Stage):
         runs it: under ZeRO-3 a forward pass of the engine's module gathers parameters collectively."""
         if self.val is None:
             return {}
-        model = self.eval_model()
-        was_training = model.training
-        model.eval()
-        tokens = model.encode(self.val)
-        recon = model.decode(tokens)
-        model.train(was_training)
+        with self.eval_model() as model:
+            was_training = model.training
+            model.eval()
+            tokens = model.encode(self.val)
+            recon = model.decode(tokens)
+            model.train(was_training)
         ppl, used = codebook_usage(tokens, self.shape.num_tokens)
         if dist.is_main():
             self.io.save_artifact(f"samples/step-{step:07d}.png",

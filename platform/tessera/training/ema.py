@@ -8,12 +8,14 @@ over the parameter's own `ds_process_group`: the node under node-local sharding)
 a local `lerp_` with no communication and no gather. Under ZeRO 0–2, where every rank holds whole
 parameters, a rank averages an equal 1/world slice of each flattened parameter.
 
-The whole average is assembled (an all-gather over the slice's group: a collective, called on
-every rank) only when it is needed: for evaluation (`full()`) and in checkpoints (`state_dict()`).
+Evaluation swaps the average into the engine's own partitions (`swapped_into`), so a rank never
+holds a whole copy for it either; the whole average is assembled (an all-gather over the slice's
+group: a collective, called on every rank) only for checkpoints (`state_dict()`) and `full()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,17 +75,59 @@ class ParameterEMA:
     @torch.no_grad()
     def full(self) -> dict[str, torch.Tensor]:
         """The whole average, on every rank (a collective: call it on all of them)."""
-        out = {}
-        for name, shard in self.shards.items():
-            rank, world = _rank_world(self.groups[name])
-            if world == 1:
-                whole = shard
-            else:
-                parts = [torch.empty_like(shard) for _ in range(world)]
-                torch.distributed.all_gather(parts, shard.contiguous(), group=self.groups[name])
-                whole = torch.cat(parts)
-            out[name] = whole[:self.numels[name]].view(self.shapes[name])
-        return out
+        return {name: self._gather(name) for name in self.shards}
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module):
+        """Inside, `module`'s own parameters hold the average; restored on exit. Evaluation runs
+        the engine's module as in training: under ZeRO-3 each partition takes its shard of the
+        average and a layer's usual gather brings the averaged weights, so no rank ever holds a
+        whole copy (only parameters materialised whole, e.g. ZeRO-3's small persistent ones, get
+        theirs gathered). Under ZeRO 0-2 parameters are whole on every rank anyway. A collective:
+        call it on every rank."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                part = getattr(p, "ds_tensor", None) if self.zero3 else None
+                if part is not None:
+                    saved.append((part, part.detach().clone()))
+                    part.copy_(self.shards[name][:part.numel()].view_as(part).to(part.dtype))
+                if part is None or p.numel() == self.numels[name]:  # whole here: the whole average
+                    saved.append((p.data, p.detach().clone()))
+                    p.data.copy_(self._gather(name).view_as(p).to(p.dtype))
+        whole_before = {name for name, p in module.named_parameters() if p.numel() == self.numels[name]}
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for target, value in saved:
+                    target.copy_(value)
+                # ZeRO-3 keeps some parameters gathered after a forward (persistent ones): those
+                # gathered inside hold the average; give them the restored partitions' weights.
+                for name, p in module.named_parameters():
+                    part = getattr(p, "ds_tensor", None) if self.zero3 else None
+                    if part is not None and name not in whole_before and p.numel() == self.numels[name]:
+                        p.data.copy_(self._gather_partition(name, part).view_as(p))
+
+    def _gather_partition(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        _, world = _rank_world(self.groups[name])
+        flat = part.detach().reshape(-1)
+        if world > 1:
+            pieces = [torch.empty_like(flat) for _ in range(world)]
+            torch.distributed.all_gather(pieces, flat.contiguous(), group=self.groups[name])
+            flat = torch.cat(pieces)
+        return flat[:self.numels[name]]
+
+    def _gather(self, name: str) -> torch.Tensor:
+        shard = self.shards[name]
+        _, world = _rank_world(self.groups[name])
+        if world == 1:
+            whole = shard
+        else:
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            torch.distributed.all_gather(parts, shard.contiguous(), group=self.groups[name])
+            whole = torch.cat(parts)
+        return whole[:self.numels[name]].view(self.shapes[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole average on the CPU (a collective, like full())."""

@@ -114,8 +114,8 @@ class PriorStage(Stage):
     def evaluate(self, step: int) -> dict:
         if self.rows is None:
             return {}
-        with self.comm.uncounted():  # evaluation's parameter gathers are not training traffic
-            model = self.eval_model()
+        # Evaluation's parameter gathers are not training traffic.
+        with self.comm.uncounted(), self.eval_model() as model:
             out = validation_losses(model, self.rows, batch=self.t.micro_batch, device=self.device,
                                     precision=self.precision)
             write_sample_grid(model, self.rows, self.io, step=step, cfg=self.cfg, device=self.device,

@@ -101,7 +101,8 @@ class RerankerStage(Stage):
     def evaluate(self, step: int) -> dict:
         if self.pairs is None:
             return {}
-        self.retrieval = evaluate_retrieval(self.eval_model(), self.pairs) | {"val_step": step}
+        with self.eval_model() as model:
+            self.retrieval = evaluate_retrieval(model, self.pairs) | {"val_step": step}
         return self.retrieval
 
     def progress(self, m: dict) -> str:

@@ -23,6 +23,7 @@ what the uninterrupted one would have (Gumbel noise, caption dropout) without ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -173,13 +174,13 @@ class Stage:
         return ""
 
     # ── the loop ─────────────────────────────────────────────────────────────────────────────
-    def eval_model(self) -> torch.nn.Module:
-        """The model to evaluate: a plain copy holding the parameter EMA, else the engine's own."""
+    def eval_model(self):
+        """`with self.eval_model() as model:` the model to evaluate: the engine's own, holding the
+        parameter EMA while inside when the stage keeps one (a collective: evaluate() runs on every
+        rank)."""
         if self.ema is None:
-            return self.engine.module
-        model = self.build_model().to(self.device)
-        model.load_state_dict(self.ema.full())  # a collective: evaluate() runs on every rank
-        return model
+            return contextlib.nullcontext(self.engine.module)
+        return self.ema.swapped_into(self.engine.module)
 
     def run(self) -> dict:
         """Train to the section's `steps` (resuming from the latest checkpoint); the last metrics."""
