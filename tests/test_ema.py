@@ -51,9 +51,12 @@ def _member(rank: int, port: int, zero_stage: int, out: str) -> None:
     reference_model.load_state_dict(reference)
     with torch.no_grad():
         expected = reference_model(x)
-    state = ema.state_dict()
+    state = ema.state_dict()  # on rank 0 only: a checkpoint's ema.safetensors, which every rank reads
+    assert (len(state) == 4) == (rank == 0), sorted(state)
+    shared = [state]
+    torch.distributed.broadcast_object_list(shared, src=0)
     again = ParameterEMA(engine.module, 0.5, zero_stage=zero_stage)
-    again.load_state_dict(state)
+    again.load_state_dict(shared[0])
     torch.save({"full": full, "reference": reference, "local_bytes": ema.local_bytes,
                 "again": again.full(), "trained": trained, "after_swap": whole(), "swapped": swapped,
                 "expected": expected}, out.format(rank))

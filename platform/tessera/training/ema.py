@@ -10,7 +10,7 @@ parameters, a rank averages an equal 1/world slice of each flattened parameter.
 
 Evaluation swaps the average into the engine's own partitions (`swapped_into`), so a rank never
 holds a whole copy for it either; the whole average is assembled (an all-gather over the slice's
-group: a collective, called on every rank) only for checkpoints (`state_dict()`) and `full()`.
+group) only by `full()`; checkpoints gather it one parameter at a time to one rank (`state_dict()`).
 """
 
 from __future__ import annotations
@@ -130,8 +130,22 @@ class ParameterEMA:
         return whole[:self.numels[name]].view(self.shapes[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole average on the CPU (a collective, like full())."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.full().items()}
+        """The whole average on the CPU of each slice group's first rank (global rank 0 among
+        them), gathered one parameter at a time; other ranks get {} (a collective: call it on
+        every rank). No other rank ever holds a whole copy."""
+        out = {}
+        for name, shard in self.shards.items():
+            group = self.groups[name]
+            rank, world = _rank_world(group)
+            if world == 1:
+                out[name] = shard[:self.numels[name]].view(self.shapes[name]).detach().cpu().clone()
+                continue
+            first = torch.distributed.get_global_rank(group, 0) if group is not None else 0
+            parts = [torch.empty_like(shard) for _ in range(world)] if rank == 0 else None
+            torch.distributed.gather(shard.contiguous(), parts, dst=first, group=group)
+            if rank == 0:
+                out[name] = torch.cat(parts)[:self.numels[name]].view(self.shapes[name]).cpu().contiguous()
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
