@@ -58,9 +58,10 @@ Activations, bytes per token and block, saved for backward (no checkpointing):
   even where checkpointing drops it (deepspeedai/DeepSpeed#7577).
 The peak is the states plus the largest of: forward/backward (gathered + activations), the
 accumulation boundary (PowerSGD's matrices, or the optimizer's flat fp32 gradient copy of a
-sub-group), and a whole-model fp32 gather (evaluation with an EMA, replica verification, a
-node-sharded checkpoint). Not counted: the allocator's fragmentation, the CUDA/NCCL context
-(--reserve-gb), backward's activation gradients (a few B·L·D·4), the all-gather staging under qwZ.
+sub-group), and the largest parameter gathered whole (checkpoints of an EMA or of node-sharded
+weights, replica verification: one parameter at a time). Not counted: the allocator's
+fragmentation, the CUDA/NCCL context (--reserve-gb), backward's activation gradients (a few
+B·L·D·4), the all-gather staging under qwZ.
 
 Step FLOPs: 6·B·L·(block matmul weights) + 6·B·D·(Vt·(T − 1) + Vi·N) for the matrix products,
 plus 12·B·D·(query-key pairs) per layer for QKᵀ and AV: L² on the dense path (the mask is applied
@@ -384,12 +385,12 @@ def plan_memory(cfg, *, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0, ker
     if kernel == "fused":
         add("math_note", "  (math SDPA would add probabilities)", act["math_probabilities"],
             "4·B·H·L² per layer, not in the totals", "info")
-    if p.ema_decay:
-        add("whole_gather", "evaluation: plain fp32 model + gathered EMA", 2 * FP32 * total,
-            "2·N·4 B (Stage.eval_model; checkpoints gather N·4 B)", "gather")
-    elif gc.verify_every or (gc.method == "powersgd" and layout.nodes > 1):
-        why = "replica check" if gc.verify_every else "node-sharded checkpoint"
-        add("whole_gather", "whole-model fp32 gather", FP32 * total, f"N·4 B ({why})", "gather")
+    # Checkpoints (EMA, node-sharded weights) and the replica check gather one parameter at a time;
+    # evaluation runs the EMA inside the engine's own partitions (ParameterEMA.swapped_into).
+    if p.ema_decay or gc.verify_every or (gc.method == "powersgd" and layout.nodes > 1):
+        largest = max(q.numel for q in params)
+        add("whole_gather", "largest parameter gathered whole (checkpoint)", FP32 * largest,
+            "max n·4 B: checkpoints gather one parameter at a time", "gather")
 
     def peak(checkpointing: bool) -> float:
         phases = {"fwd_bwd": 0.0, "boundary": 0.0, "gather": 0.0}

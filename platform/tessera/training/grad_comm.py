@@ -254,9 +254,9 @@ class GradComm:
         parameters and compares their digests). Kept for the next metrics()."""
         import hashlib
 
-        with self.uncounted(), _gathered(engine):
+        with self.uncounted():
             digest = hashlib.sha256()
-            for p in engine.module.parameters():
+            for _, p in _whole_parameters(engine):
                 digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
             mine = digest.hexdigest()
             everyone = [mine]
@@ -315,11 +315,15 @@ class GradComm:
         if self.powersgd is not None:
             files[self._state_file()] = save(self.powersgd.state_dict())
         if self.param_partition == "node":
-            with self.uncounted(), _gathered(engine):
-                if dist.is_main():
-                    weights = {k: v.detach().float().cpu().clone()
-                               for k, v in engine.module.state_dict().items()}
-                    files[GATHERED_WEIGHTS] = save(weights)
+            weights = {}
+            with self.uncounted():
+                for name, p in _whole_parameters(engine):
+                    if dist.is_main():
+                        weights[name] = p.detach().float().cpu().clone()
+            if dist.is_main():
+                for name, buf in engine.module.state_dict().items():  # buffers: never partitioned
+                    weights.setdefault(name, buf.detach().float().cpu().clone())
+                files[GATHERED_WEIGHTS] = save(weights)
         return files
 
     def load_from(self, checkpoint_dir: str) -> None:
@@ -338,11 +342,16 @@ class GradComm:
         self.ledger.uninstall()
 
 
-def _gathered(engine):
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+def _whole_parameters(engine):
+    """(name, whole parameter) in order, gathered one at a time under ZeRO-3 (a collective: every
+    rank iterates it to the end), so no rank holds more than one whole parameter at once — at the
+    paper's 12 B the whole fp32 model is 46 GB, more than a GPU has beside training state."""
+    partitioned = getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+    for name, p in engine.module.named_parameters():
+        if not partitioned:
+            yield name, p
+            continue
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    import contextlib
-
-    return contextlib.nullcontext()
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            yield name, p
