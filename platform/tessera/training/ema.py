@@ -107,27 +107,18 @@ class ParameterEMA:
                 for name, p in module.named_parameters():
                     part = getattr(p, "ds_tensor", None) if self.zero3 else None
                     if part is not None and name not in whole_before and p.numel() == self.numels[name]:
-                        p.data.copy_(self._gather_partition(name, part).view_as(p))
+                        p.data.copy_(self._gather(name, part).view_as(p))
 
-    def _gather_partition(self, name: str, part: torch.Tensor) -> torch.Tensor:
+    def _gather(self, name: str, local: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameter `name` whole, from every rank's slice of it (`local`: this rank's; by default
+        its slice of the average): an all-gather over the slice's group, a collective."""
+        flat = (self.shards[name] if local is None else local).detach().reshape(-1)
         _, world = _rank_world(self.groups[name])
-        flat = part.detach().reshape(-1)
         if world > 1:
             pieces = [torch.empty_like(flat) for _ in range(world)]
             torch.distributed.all_gather(pieces, flat.contiguous(), group=self.groups[name])
             flat = torch.cat(pieces)
-        return flat[:self.numels[name]]
-
-    def _gather(self, name: str) -> torch.Tensor:
-        shard = self.shards[name]
-        _, world = _rank_world(self.groups[name])
-        if world == 1:
-            whole = shard
-        else:
-            parts = [torch.empty_like(shard) for _ in range(world)]
-            torch.distributed.all_gather(parts, shard.contiguous(), group=self.groups[name])
-            whole = torch.cat(parts)
-        return whole[:self.numels[name]].view(self.shapes[name])
+        return flat[:self.numels[name]].view(self.shapes[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole average on the CPU of each slice group's first rank (global rank 0 among
