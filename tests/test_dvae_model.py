@@ -147,3 +147,23 @@ def test_an_export_from_before_the_decoder_kernel_field_still_loads():
     with pytest.raises(artifacts.ArtifactError, match="old.json"):
         artifacts.build("dvae", {**meta, "shape": {**shape, "decoder_kernel": 3}}, save(old.state_dict()),
                         where="old.json")
+
+
+def test_convolutions_start_as_in_the_released_code():
+    """OpenAI's released dall_e `Conv2d` (dall_e/utils.py) starts every convolution with
+    `w.normal_(std=1 / ((self.n_in * self.kw ** 2) ** (1/2)))` and `b = torch.zeros((self.n_out,))`;
+    init="torch" keeps PyTorch's default (kaiming-uniform, a third of that variance, nonzero biases)."""
+    torch.manual_seed(0)
+    shape = NAMED_SHAPES["small"]
+    for init, ratio in (("released", 1.0), ("torch", 1 / 3)):
+        convs = [m for m in DVAE(shape, init=init).modules() if isinstance(m, torch.nn.Conv2d)]
+        big = [c for c in convs if c.weight.numel() >= 4096]
+        assert len(big) > 20
+        for c in big:
+            fan_in = c.in_channels * c.kernel_size[0] * c.kernel_size[1]
+            var = float(c.weight.var()) * fan_in
+            assert abs(var - ratio) < 0.15 * ratio, (init, c, var)
+        biases_zero = all(float(c.bias.abs().max()) == 0 for c in convs)
+        assert biases_zero == (init == "released")
+    with pytest.raises(ValueError, match="init"):
+        DVAE(TINY, init="xavier")

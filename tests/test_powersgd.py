@@ -236,6 +236,37 @@ def test_state_round_trip_continues_identically(q_update):
         assert torch.equal(ta, tb)
 
 
+@pytest.mark.parametrize("where", ["compressed", "uncompressed"])
+def test_a_nonfinite_step_leaves_the_error_buffers_and_q_as_they_were(where):
+    """Paper §2.5 counts among what made PowerSGD work "Minimizing instances in which we zero out the
+    error buffers (e.g., due to nonfinite values encountered during mixed-precision
+    backpropagation ...)": an overflowing gradient must reach the overflow check (so the update is
+    skipped) without poisoning the buffers; the run then continues exactly as if that step had
+    not happened."""
+    g = torch.Generator().manual_seed(13)
+    grads = [torch.randn(24, 16, generator=g) for _ in range(3)]
+    for q_update in ("fixed", "warm_start"):
+        specs = [TensorSpec(384, (24, 16)), TensorSpec(5)]
+        clean = PowerSGD(specs, rank=2, seed=3, q_update=q_update)
+        hit = PowerSGD(specs, rank=2, seed=3, q_update=q_update)
+        for x in grads[:2]:
+            clean.reduce_([x.clone(), torch.ones(5)])
+            hit.reduce_([x.clone(), torch.ones(5)])
+        before_e, before_q = hit.errors[0].clone(), hit.qs.get(0)
+        bad, dense = grads[2].clone(), torch.ones(5)
+        poisoned = bad if where == "compressed" else dense
+        poisoned.view(-1)[3] = float("inf")
+        hit.reduce_([bad, dense])
+        assert not torch.isfinite(poisoned).all()  # the overflow check downstream sees it
+        assert torch.equal(hit.errors[0], before_e) and hit.nonfinite_steps == 1
+        if before_q is not None:
+            assert torch.equal(hit.qs[0], before_q)
+        ta, tb = grads[2].clone(), grads[2].clone()
+        clean.reduce_([ta, torch.ones(5)])
+        hit.reduce_([tb, torch.ones(5)])
+        assert torch.equal(ta, tb) and torch.equal(clean.errors[0], hit.errors[0])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="q_update"):
         PowerSGD([TensorSpec(384, (24, 16))], rank=2, q_update="warm")

@@ -8,9 +8,10 @@ whole into Ray tasks and Train workers (it pickles), so there is one source of t
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -181,6 +182,9 @@ class DVAETrainConfig(StageTrainConfig):
 
     size: Literal["debug", "small", "paper"] = "debug"
     num_tokens: int | None = Field(None, ge=2)  # override the size's codebook K
+    # Conv weights at the start: "released" as OpenAI's dall_e code (normal(0, 1/√fan_in), zero
+    # biases); "torch" PyTorch's default (a third of that variance). bench/dvae_init.py compares them.
+    init: Literal["released", "torch"] = "released"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -609,7 +613,7 @@ def _describe(err: ValidationError) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {where}: {e['msg']}{shown}")
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 
 

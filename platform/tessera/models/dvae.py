@@ -6,7 +6,8 @@
 
 Resblocks are bottlenecks (hidden width n_out/4) whose residual branch is multiplied by
 post_gain = 1 / n_layers², so a deep stack starts close to the identity. The encoder ends and the
-decoder starts with a 1×1 conv; downsampling is max-pool, upsampling is nearest.
+decoder starts with a 1×1 conv; downsampling is max-pool, upsampling is nearest. Convolutions start
+as in OpenAI's released code (init="released"): weights normal(0, 1/√(n_in·k²)), biases zero.
 """
 
 from __future__ import annotations
@@ -138,12 +139,30 @@ def logit_laplace_nll(stats: torch.Tensor, x_mapped: torch.Tensor) -> torch.Tens
     return nll.mean()
 
 
+INITS = ("released", "torch")
+
+
+def released_init(module: nn.Module) -> None:
+    """Every conv as OpenAI's released dall_e `Conv2d` starts: w ~ normal(0, 1/√(n_in·kw²)), b = 0
+    (variance 1/fan_in: 3× PyTorch's default kaiming-uniform(a=√5), whose variance is 1/(3·fan_in))."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, std=fan_in ** -0.5)
+            nn.init.zeros_(m.bias)
+
+
 class DVAE(nn.Module):
-    def __init__(self, shape: DVAEShape):
+    def __init__(self, shape: DVAEShape, *, init: str = "released"):
+        """init: "released" (OpenAI's released code) or "torch" (PyTorch's Conv2d default)."""
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.shape = shape
         self.encoder = Encoder(shape)
         self.decoder = Decoder(shape)
+        if init == "released":
+            released_init(self)
 
     def forward(self, images: torch.Tensor, *, tau: float, beta: float, usage_weight: float = 0.0,
                 recon_loss: str = "logit_laplace", logit_scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -112,6 +112,7 @@ class PowerSGD:
         self.errors: dict[int, torch.Tensor] = {}
         self.qs: dict[int, torch.Tensor] = {}
         self.steps = 0
+        self.nonfinite_steps = 0  # steps whose factors were non-finite (state left untouched)
 
     # --- what one step sends -------------------------------------------------------------------
     def plan(self) -> ReduceStats:
@@ -155,17 +156,23 @@ class PowerSGD:
             rs = {i: mats[i].T @ ps[i] for i in self.compressed}
             second = torch.cat([rs[i].reshape(-1) for i in self.compressed])
             self.all_reduce(second)
+            # Both buffers are group means, the same on every member, so every member decides alike.
+            # A non-finite factor (an overflowing gradient anywhere in the group) leaves the error
+            # buffers and Q as they were: the non-finite estimate still reaches the gradients, where
+            # the overflow check skips the update, and the next step starts from clean state.
+            finite = bool(torch.isfinite(first).all()) and bool(torch.isfinite(second).all())
             offset = 0
             for i in self.compressed:
                 n = rs[i].numel()
                 r = second[offset:offset + n].view_as(rs[i])
                 offset += n
                 estimate = ps[i] @ r.T  # (n, m), identical on every member
-                if self.error_feedback:
+                if self.error_feedback and finite:
                     self.errors[i] = mats[i] - estimate
-                if self.q_update == "warm_start":
+                if self.q_update == "warm_start" and finite:
                     self.qs[i] = r.clone()
                 tensors[i].view(-1).copy_(estimate.reshape(-1)[: tensors[i].numel()])
+            self.nonfinite_steps += not finite
         self.steps += 1
         return self.plan()
 

@@ -44,7 +44,7 @@ class DVAEStage(Stage):
 
     def build_model(self) -> DVAE:
         self.shape = dvae_shape(self.cfg)
-        return DVAE(self.shape)
+        return DVAE(self.shape, init=self.cfg.dvae.init)
 
     def setup(self) -> None:
         val = self.io.validation_images()

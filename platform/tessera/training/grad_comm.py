@@ -295,6 +295,8 @@ class GradComm:
             out["powersgd_uncompressed"] = whole
             dense = self.powersgd.dense
             out["powersgd_uncompressed_bytes"] = 4 * sum(self.powersgd.specs[i].numel for i in dense)
+            # Steps whose factors came out non-finite (error buffers and Q left as they were).
+            out["powersgd_nonfinite_steps"] = self.powersgd.nonfinite_steps
         return out
 
     def uncounted(self):
