@@ -122,7 +122,9 @@ def main() -> int:
         "look_back_period_s": a.look_back_s, "metrics_interval_s": a.metrics_interval_s,
         "max_ongoing_requests": a.max_batch_size,
         # Room for every client: this bench measures scaling, not refusals.
-        "max_queued_requests": 2 * a.concurrency, "request_timeout_s": 300, "max_n": 10, "max_candidates": 64}
+        "max_queued_requests": 2 * a.concurrency, "request_timeout_s": 300, "max_n": 10, "max_candidates": 64,
+        # Every client is 127.0.0.1 without a key, so one caller to the per-caller limit.
+        "max_requests_per_client": a.concurrency}
     t_deploy = time.time()
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     deploy_s = time.time() - t_deploy

@@ -42,14 +42,18 @@ def job_main(main, *, description: str | None = None, argv: list[str] | None = N
         return 2
 
 
-def bundle_job_main(main, *, section: str, description: str | None = None) -> int:
+def bundle_job_main(main, *, section: str, description: str | None = None,
+                    uri_flags: dict[str, str] | None = None) -> int:
     """job_main for a job that also takes `--bundle URI`: it sets {section}.bundle_uri (passed as
-    a YAML string, whatever characters the URI holds)."""
+    a YAML string, whatever characters the URI holds); each of uri_flags, {flag: field}, likewise."""
+    flags = {"bundle": "bundle_uri", **(uri_flags or {})}
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--bundle", default=None)
+    for flag in flags:
+        extra.add_argument(f"--{flag}", default=None)
     known, rest = extra.parse_known_args()
-    if known.bundle:
-        rest += ["--set", f"{section}.bundle_uri={json.dumps(known.bundle)}"]
+    for flag, field in flags.items():
+        if getattr(known, flag):
+            rest += ["--set", f"{section}.{field}={json.dumps(getattr(known, flag))}"]
     return job_main(main, description=description, argv=rest)
 
 

@@ -1,13 +1,15 @@
-"""Evaluate a model bundle on the shapes captions: images for the first N validation captions and
-the first N held-out ones (novel colour/shape pairs), read back by an attribute classifier, with
-and without the reranker; dVAE reconstruction, prior loss, training curves.
+"""Evaluate a model bundle on its run's prepared data: images for the first N validation captions,
+dVAE reconstruction PSNR, the prior's loss (nats and bits per image token), sample grids, training
+curves. On the shapes data also the first N held-out captions (novel colour/shape pairs) and
+caption accuracy: an attribute classifier reads the images back, with and without the reranker.
 
     python jobs/evaluate.py --config debug --set run.root_uri=runs/demo [--bundle URI]
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/cluster.yaml
 
 --bundle: the bundle to evaluate (default: evaluate.bundle_uri, else {run.root_uri}/bundle).
 Writes report.json (last), report.md, grid_*.png and curves_*.png to evaluate.output_uri
-(default {run.root_uri}/eval); the classifier is kept under {run.root_uri}/eval/classifier.
+(default {run.root_uri}/eval); the classifier is kept under {run.root_uri}/eval/classifier; the
+figures go into the run's own bundle's model card (README.md).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def main(cfg, args: argparse.Namespace | None = None) -> int:
     print(f"bundle:            {cfg.paths.bundle}")
     print(f"evaluation report: {report}")
     print(f"sample grid:       {storage.join(cfg.paths.eval, 'grid_val.png')}")
-    print(f"serve it:          serve run serve.app:build_app bundle={cfg.paths.bundle}"
+    print(f"serve it:          python -m serve serve.app:build_app bundle={cfg.paths.bundle}"
           "   (or `make demo`, which serves serve/config.yaml)")
     return 0
 

@@ -7,6 +7,7 @@ unknown keys are refused so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_KEYS_ENV = "TESSERA_API_KEYS"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class AppArgs(BaseModel):
@@ -44,8 +46,18 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(32, ge=-1)
     request_timeout_s: float | None = Field(120.0, gt=0)
+    # Fairness: generation requests one caller (its API key, or its address without keys) may have
+    # in flight, running or queued; more get a 429, so one caller cannot fill the queue for all.
+    max_requests_per_client: int = Field(8, ge=1)
     api_keys: list[str] = Field(default_factory=list)
+    # Without keys the app refuses to start unless HTTP listens on loopback only, or this is true.
+    allow_anonymous: bool = False
+    # Host headers answered (port ignored; "*.example.com" matches subdomains, "*" any): a
+    # DNS-rebinding page reaches 127.0.0.1 under its own name and is refused.
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_NAMES), min_length=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    # POST /v1/images/edits: the uploaded image's bytes (OpenAI's own limit for dall-e-2 edits: 4 MB).
+    max_image_bytes: int = Field(4 * 2**20, ge=1024)
     max_prompt_chars: int = Field(1000, ge=1)
     # At most the sampling library's own bounds (GenerationParams.validate: n ≤ 10, MAX_CANDIDATES
     # = 512, what the DALL·E paper reranked); each draw costs a full sample, so the default is low.
@@ -56,7 +68,7 @@ class AppArgs(BaseModel):
     url_ttl_s: float = Field(3600.0, gt=0)
     url_store_mb: float = Field(256.0, gt=0)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
         # The CLI passes `api_keys=k1,k2` as one string.
@@ -71,6 +83,19 @@ class AppArgs(BaseModel):
             if not k or any(c.isspace() for c in k):
                 raise ValueError("an API key must be non-empty and contain no whitespace")
         return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for h in v:
+            name = h.strip().lower().removeprefix("[").removesuffix("]")
+            domain = name.removeprefix("*.")
+            if name != "*" and not _is_ipv6(name) and (not domain or any(c in domain for c in "/:@ *")):
+                raise ValueError(f"{h!r} is not a host name: give names like images.example.com, "
+                                 "*.example.com, 127.0.0.1, ::1 or * (no scheme, port or path)")
+            out.append(name)
+        return out
 
     @field_validator("public_url")
     @classmethod
@@ -104,6 +129,54 @@ class AppArgs(BaseModel):
         if self.initial_replicas is not None:
             cfg["initial_replicas"] = self.initial_replicas
         return cfg
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).version == 6
+    except ValueError:
+        return False
+
+
+def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
+    """Whether a request's Host header (with or without port) names one of `allowed`."""
+    if "*" in allowed:
+        return True
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    return any(host == a or (a.startswith("*.") and host.endswith(a[1:])) for a in allowed)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_state(args: AppArgs, http_host: str | None) -> str:
+    """How the app authenticates, for the startup log (never a key), or a ValueError when it would
+    serve anyone on a non-loopback address without allow_anonymous. http_host: where Serve's HTTP
+    proxy listens (its http_options.host; None: no proxy)."""
+    if args.api_keys:
+        return f"API keys required: keys configured: {len(args.api_keys)}"
+    if http_host is None or is_loopback(http_host):
+        return f"anonymous on loopback: no API keys, HTTP listens on {http_host or 'no address'} only"
+    if args.allow_anonymous:
+        return (f"anonymous by explicit choice: no API keys, allow_anonymous is true, "
+                f"HTTP listens on {http_host}")
+    raise ValueError(
+        f"refusing to serve without API keys: Serve's HTTP proxy listens on {http_host} "
+        "(http_options.host), which is not a loopback address. Set api_keys or "
+        f"${API_KEYS_ENV}, or allow_anonymous: true to answer anyone who can reach it.")
 
 
 def parse_args(args: dict[str, Any] | AppArgs | None, *, environ: dict[str, str] | None = None) -> AppArgs:

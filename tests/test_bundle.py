@@ -150,3 +150,35 @@ def test_export_job_writes_a_bundle_to_s3_that_loads_back(tmp_path, s3_server, b
     bad = _export(tmp_path, f"export.output_uri={tmp_path / 'b2'}")
     assert bad.returncode == 2 and "not the tokenizer the prior" in bad.stderr
     assert not (tmp_path / "b2").exists()
+
+
+def test_export_reads_the_tokenizer_where_the_token_manifest_puts_it(tmp_path):
+    """Token datasets keep their tokenizer inside their generation; a stale top-level one (the
+    layout before that) is not what the bundle gets."""
+    import hashlib
+    import shutil
+
+    from tessera import artifacts, storage
+    from tessera.bundle import export_bundle
+    from tessera.config import load_config
+
+    make_bundle(tmp_path, reranker=False)
+    parts, tokens = tmp_path / "parts", tmp_path / "tokens"
+    (tokens / "gen-b").mkdir(parents=True)
+    shutil.copy(parts / "tokenizer" / "tokenizer.json", tokens / "gen-b" / "tokenizer.json")
+    (tokens / "tokenizer.json").write_text('{"stale": true}')
+    tok_sha = hashlib.sha256((tokens / "gen-b" / "tokenizer.json").read_bytes()).hexdigest()
+    (tokens / "manifest.json").write_text(json.dumps({
+        "kind": "tessera.token_dataset", "format_version": 1, "generation": "gen-b",
+        "tokenizer": {"path": "gen-b/tokenizer.json", "sha256": tok_sha}}))
+    meta_path = parts / "prior" / artifacts.PARTS["prior"].meta
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tokens": {"tokenizer": {"sha256": tok_sha}}}))
+    cfg = load_config("debug", [f"run.root_uri={tmp_path / 'run'}", f"export.prior_uri={parts / 'prior'}",
+                                f"prior.tokens_uri={tokens}", f"encode.dvae_uri={parts / 'dvae'}",
+                                "export.include_reranker=false"])
+    manifest = export_bundle(cfg)
+    assert manifest["sources"]["tokenizer"] == str(tokens / "gen-b" / "tokenizer.json")
+    assert manifest["files"]["tokenizer.json"]["sha256"] == tok_sha
+    assert load_bundle(cfg.paths.bundle).tokenizer.vocab_size > 0
+    assert storage.exists(storage.join(cfg.paths.bundle, "manifest.json"))

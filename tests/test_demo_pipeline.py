@@ -54,7 +54,8 @@ def test_pipeline_end_to_end_publishes_every_artifact_and_resumes(ray_cluster, t
 
     data = json.loads((root / "data" / "manifest.json").read_text())
     assert data["splits"]["train"]["num_samples"] + data["splits"]["val"]["num_samples"] == 240
-    assert data["splits"]["heldout"]["num_samples"] == 24 and (root / "data" / "tokenizer.json").is_file()
+    assert data["splits"]["heldout"]["num_samples"] == 24
+    assert (root / "data" / data["tokenizer"]["path"]).is_file()
     tokens = json.loads((root / "tokens" / "manifest.json").read_text())
     assert tokens["splits"]["val"]["num_samples"] == data["splits"]["val"]["num_samples"]
     for stage, meta, steps in (("dvae", "dvae.json", 6), ("prior", "prior.json", 6),

@@ -116,8 +116,9 @@ def test_tokens_are_the_dvae_codes_and_roundtrip_psnr_is_what_decode_gives(encod
     assert "train" not in manifest["roundtrip_psnr"]
 
     # Caption ids decode back to the caption, and the tokenizer travels with the shards.
+    assert manifest["tokenizer"]["path"] == f"{manifest['generation']}/tokenizer.json"
     tok = CaptionTokenizer.from_json(
-        storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode())
+        storage.read_bytes(storage.join(cfg.paths.tokens, manifest["tokenizer"]["path"])).decode())
     for key, caption, ids in zip(keys, table.column("caption").to_pylist(),
                                  table.column("text_ids").to_pylist(), strict=True):
         assert caption == samples[key]["txt"].decode()
@@ -135,8 +136,10 @@ def test_rerun_keeps_published_tokens_unless_overwrite(encoded):
                                                                                   redo["generation"])}
                                                   for e in v["shards"]]}
                               for s, v in manifest["splits"].items()}
-    old_shard = storage.join(cfg.paths.tokens, manifest["splits"]["val"]["shards"][0]["path"])
-    assert not storage.exists(old_shard)  # the superseded generation is gone
+    # The superseded generation stays until the next publish, for jobs still reading it.
+    assert redo["previous_generation"] == manifest["generation"]
+    for path in (manifest["splits"]["val"]["shards"][0]["path"], manifest["tokenizer"]["path"]):
+        assert storage.exists(storage.join(cfg.paths.tokens, path))
 
 
 def _train_images(cfg, prepared, shard: int, keys: list[str]):
@@ -207,7 +210,7 @@ def test_views_add_crops_of_each_training_image_as_rows_of_their_own(encoded, tm
 
     # The same rows again from an encoder in this process (the job's ran in a Ray actor).
     e = two_cfg.encode
-    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.tokens, "tokenizer.json")).decode()
+    tokenizer_json = storage.read_bytes(storage.join(cfg.paths.tokens, one["tokenizer"]["path"])).decode()
     opts = storage.StorageOptions.from_config(cfg.storage)
     encoder = ShardEncoder(dvae_uri=cfg.paths.encode_dvae, opts=opts, tokenizer_json=tokenizer_json,
                            image_ext=prepared["image_format"],

@@ -124,12 +124,14 @@ def test_generate_job_writes_pngs_and_manifest_to_s3(tmp_path, bundle_uri, ray_c
     with Image.open(BytesIO(storage.read_bytes(f"{out}/{index[0]['file']}"))) as im:
         assert im.size == (32, 32)
 
-    # A rerun publishes a new generation and retires the old one; no captions at all is an error.
+    # A rerun publishes a new generation and retires the old one (kept until the next publish, for
+    # readers of the old manifest); no captions at all is an error.
     assert job.main(cfg) == 0
     second = storage.read_json(f"{out}/manifest.json")
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="images/")["Contents"]}
     assert (second["generation"] != manifest["generation"]
-            and not any(manifest["generation"] in k for k in keys))
+            and second["previous_generation"] == manifest["generation"]
+            and f"images/{manifest['index']}" in keys)
     s3_client.put_object(Bucket=bucket, Key="in/empty.txt", Body=b"\n\n")
     bad = cfg.model_copy(update={"generate": cfg.generate.model_copy(
         update={"captions_uri": f"s3://{bucket}/in/empty.txt"})})

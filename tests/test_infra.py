@@ -131,6 +131,56 @@ def test_gcp_workers_run_as_a_service_account():
             == "TERMINATE")
 
 
+_CLI_STUB = """#!/bin/sh
+# A stand-in for the cloud CLI on a node: the Ray token always, the API-key secret as $STUB_KEYS says.
+case "$*" in
+  *serve-api-keys*)
+    case "$STUB_KEYS" in
+      missing) echo "An error occurred (ParameterNotFound) / NOT_FOUND: secret not found" >&2; exit 254 ;;
+      empty) echo; exit 0 ;;
+      *) echo "$STUB_KEYS"; exit 0 ;;
+    esac ;;
+  *) echo ray-token ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_stops_when_the_api_key_secret_is_missing(path, tmp_path):
+    """The node command that writes TESSERA_API_KEYS, run as the launcher runs it (bash -c on the
+    host) against a stand-in CLI: a missing or empty secret fails it, naming the secret."""
+    import os
+    import subprocess
+
+    raw = yaml.safe_load(path.read_text())
+    (command,) = [c for c in raw["initialization_commands"] if "serve-api-keys" in c]
+    assert "|| true" not in command and "2>/dev/null" not in command
+    secret = "/tessera/serve-api-keys" if raw["provider"]["type"] == "aws" else "tessera-serve-api-keys"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for cli in ("aws", "gcloud"):
+        (bin_dir / cli).write_text(_CLI_STUB)
+        (bin_dir / cli).chmod(0o755)
+
+    def run(keys: str) -> tuple[subprocess.CompletedProcess, Path]:
+        home = tmp_path / keys
+        home.mkdir()
+        env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_KEYS": keys}
+        return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                              timeout=30), home / ".tessera" / "serve.env"
+
+    for keys in ("missing", "empty"):
+        done, env_file = run(keys)
+        assert done.returncode != 0, (keys, done.stdout, done.stderr)
+        assert secret in done.stderr and "docs/deploy.md" in done.stderr, done.stderr
+        assert not env_file.exists() or "TESSERA_API_KEYS=\n" not in env_file.read_text()
+    done, env_file = run("k1,k2")
+    assert done.returncode == 0, done.stderr
+    assert env_file.read_text() == "TESSERA_API_KEYS=k1,k2\n"
+    assert os.stat(env_file).st_mode & 0o777 == 0o600
+    assert "--env-file $HOME/.tessera/serve.env" in " ".join(raw["docker"]["run_options"])
+
+
 def test_no_credentials_in_deployment_files():
     files = [p for p in INFRA.rglob("*") if p.is_file()] + [ROOT / "docs/deploy.md", ROOT / ".rayignore",
                                                            ROOT / ".dockerignore"]
@@ -251,6 +301,22 @@ def test_rayservice_serves_the_serve_config():
     assert args.device == "cuda" and args.num_gpus >= 1
     assert args.bundle.startswith("s3://")
     assert config["http_options"]["host"] == "0.0.0.0"  # reachable through the serve Service
+
+
+def test_rayservice_needs_the_api_key_secret():
+    # A missing Secret stops the pods (Kubernetes names it); `optional: true` would start them
+    # without keys. The app itself then refuses an empty key list on 0.0.0.0 (tests/test_serve_auth.py).
+    (service,) = _kuberay("RayService")
+    containers = [c for pod in _pod_specs(service["spec"]["rayClusterConfig"]) for c in pod["containers"]]
+    assert containers
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["TESSERA_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "tessera-serve-api-keys" and ref["key"] == "api_keys"
+        assert not ref.get("optional", False), container["name"]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["api_keys"] == [] and not args["allow_anonymous"]  # keys from the Secret only
+    assert "kubectl create secret generic tessera-serve-api-keys" in (ROOT / "docs/deploy.md").read_text()
 
 
 def test_every_kuberay_manifest_is_a_known_kind():

@@ -170,7 +170,7 @@ def test_prepare_job_submitted_with_working_dir(ray_head, tmp_path):
     for info in splits.values():
         assert sum(s["num_samples"] for s in info["shards"]) == info["num_samples"]
         assert all((data / s["path"]).is_file() for s in info["shards"])
-    assert (data / "tokenizer.json").is_file() and manifest["tokenizer"]["vocab_size"] > 0
+    assert (data / manifest["tokenizer"]["path"]).is_file() and manifest["tokenizer"]["vocab_size"] > 0
     assert manifest["resolution"] == 32 and not any(manifest["skipped"].values())
 
     # What was uploaded: the repository without runs/, .venv/, .git/ or caches (.rayignore), and

@@ -22,10 +22,12 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "tessera.published", "tessera.cluster", "tessera.viz")),
     ("data", ("tessera.data.*",)),
     ("models", ("tessera.models.*",)),
-    ("artifacts/sampling", ("tessera.artifacts", "tessera.bundle", "tessera.sampling.*")),
+    ("artifacts/sampling", ("tessera.artifacts", "tessera.bundle", "tessera.model_card",
+                            "tessera.sampling.*")),
     ("training", ("tessera.parallel.*", "tessera.training.*")),
     ("inference", ("tessera.inference.*",)),
-    ("entry points", ("tessera.stages",)),  # and every file outside platform/
+    # and every file outside platform/
+    ("entry points", ("tessera.stages", "tessera.cli", "tessera.__main__")),
 )
 
 

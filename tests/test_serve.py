@@ -2,7 +2,7 @@
 
 The generator runs with max_ongoing_requests=1 and max_queued_requests=3, so overload is easy to
 provoke on purpose (the overload test runs last); the requests before it are sequential, so those
-limits never bite them."""
+limits never bite them. Tests that need other arguments deploy a second app beside it (_extra_app)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import requests
@@ -29,6 +31,7 @@ MAX_BODY = 16384
 # request_timeout_s: several times a light request (~0.1-0.4 s), below 3 heavy ones (~0.8 s each)
 TIMEOUT_S = 1.5
 MAX_CANDIDATES_OVERLOAD = 512  # the overload test scales its heavy request up to this many draws
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -184,6 +187,15 @@ def test_api_keys(app):
     assert models["object"] == "list"
     assert models["data"] == [{"id": app.name, "object": "model", "created": models["data"][0]["created"],
                                "owned_by": "tessera"}]
+    # One model: OpenAI's object plus the bundle's card summary (this test bundle has no README.md
+    # card, so the summary comes from its manifest).
+    one = requests.get(f"{app.base}/v1/models/{app.name}", headers={"Authorization": f"Bearer {ARG_KEY}"},
+                       timeout=30).json()
+    assert one["id"] == app.name and one["object"] == "model"
+    card = one["card"]
+    assert card["name"] == app.name and card["card"] is False and card["resolution"] == app.resolution
+    assert {"dvae", "prior", "reranker"} <= set(card["parts"])
+    assert not any(str(v).startswith(("/", "file:", "s3:")) for v in card.values())  # no URIs
     assert requests.get(f"{app.base}/healthz", timeout=30).json()["status"] == "ok"
 
 
@@ -219,7 +231,10 @@ def test_web_page_is_self_contained_and_generates_in_a_browser(app, tmp_path):
     html = page.text
     assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), (
         "the page refers to an external URL")
-    assert "<script src" not in html and "<link" not in html and "@import" not in html
+    # One script, this server's /app.js (the CSP runs no inline script), and nothing external in it.
+    assert re.findall(r"<script\b[^>]*\bsrc=\"([^\"]*)\"", html) == ["/app.js"]
+    assert "<link" not in html and "@import" not in html
+    assert not re.search(r"https?://", requests.get(f"{app.base}/app.js", timeout=30).text)
 
     driver = _chromium(tmp_path)
     from selenium.webdriver.common.by import By
@@ -263,6 +278,198 @@ def _chromium(tmp_path):
               "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def test_page_headers_and_no_inline_script(app):
+    page = requests.get(f"{app.base}/", timeout=30)
+    directives = [d.split() for d in page.headers["Content-Security-Policy"].split(";") if d.strip()]
+    csp = {d[0]: d[1:] for d in directives}
+    assert csp["script-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"]
+    assert "'unsafe-inline'" not in csp["default-src"] + csp["script-src"]
+    # Every <script> without src is a JSON data block, which no browser runs.
+    for attrs, body in re.findall(r"<script\b([^>]*)>(.*?)</script>", page.text, re.S):
+        assert "src=" in attrs and not body.strip() or 'type="application/json"' in attrs, attrs
+    config = re.search(r'<script id="tessera-config" type="application/json">(.*?)</script>', page.text, re.S)
+    assert json.loads(config[1])["model"] == app.name
+    js = requests.get(f"{app.base}/app.js", timeout=30)
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert js.text == (ROOT / "serve/app.js").read_text() and "tessera-config" in js.text
+    error = requests.get(f"{app.base}/v1/nothing-here", timeout=30)
+    for r in (page, js, error, requests.get(f"{app.base}/healthz", timeout=30)):
+        assert r.headers["X-Content-Type-Options"] == "nosniff", r.url
+
+
+def test_a_body_without_content_type_is_refused(app):
+    url = f"{app.base}/v1/images/generations"
+    for body in (b"prompt=a red circle", json.dumps({"prompt": "a red circle"}).encode()):
+        r = requests.post(url, data=body, headers={"Authorization": f"Bearer {ARG_KEY}"}, timeout=30)
+        assert "Content-Type" not in r.request.headers
+        err = assert_error(r, 415, code="unsupported_media_type")
+        assert "Content-Type" in err["message"]
+
+
+def test_other_host_names_are_refused(app):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name: refused before routing or auth."""
+    port = app.base.rsplit(":", 1)[1]
+    rebind = {"Host": f"rebind.example:{port}"}
+    for path in ("/", "/healthz", "/app.js", "/v1/nothing-here"):
+        err = assert_error(requests.get(f"{app.base}{path}", headers=rebind, timeout=30), 400,
+                           code="host_not_allowed")
+        assert "rebind.example" in err["message"] and "allowed_hosts" in err["message"]
+    assert_error(app.post({"prompt": "a", "seed": 0}, headers=rebind), 400, code="host_not_allowed")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert requests.get(f"{app.base}/healthz", headers={"Host": host}, timeout=30).status_code == 200
+
+
+def test_one_caller_cannot_take_every_slot(app):
+    """max_requests_per_client=1: while a request with one key is in flight, that key's next request
+    is refused at once (429, Retry-After), another key's is served, and the slot comes back."""
+    served = _extra_app(app, "fair", max_requests_per_client=1, api_keys=[ARG_KEY, ENV_KEY],
+                        max_candidates=MAX_CANDIDATES_OVERLOAD)
+    # Seconds on this machine's CPU (the overload test's heavy request), so it is still in flight
+    # when the probe comes.
+    heavy = {"prompt": "a busy picture", "n": 10, "guidance_scale": 3.0, "seed": 11,
+             "candidates": MAX_CANDIDATES_OVERLOAD}
+    results: dict[str, requests.Response] = {}
+    try:
+        for _ in range(3):  # a retry only if the probe reached the ingress before the heavy request
+            results.clear()
+            first = threading.Thread(target=lambda: results.update(first=served.post(heavy)))
+            first.start()
+            time.sleep(0.3)
+            probe = served.post({"prompt": "a dot", "seed": 1}, timeout=60)
+            # Sent while the first request still holds ARG_KEY's slot.
+            other = threading.Thread(target=lambda: results.update(
+                other=served.post({"prompt": "a dot", "seed": 2}, key=ENV_KEY)))
+            other.start()
+            first.join(timeout=120)
+            other.join(timeout=120)
+            if results["first"].status_code != 429:
+                break
+        err = assert_error(probe, 429, code="too_many_requests_in_flight")
+        assert err["type"] == "rate_limit_error" and probe.headers.get("Retry-After") == "1"
+        assert results["first"].status_code == 200 and results["other"].status_code == 200, results
+        assert served.post({"prompt": "a dot", "seed": 1}).status_code == 200  # the slot was given back
+    finally:
+        from ray import serve
+
+        serve.delete("fair")
+
+
+def _extra_app(app: Served, name: str, **overrides) -> Served:
+    """Another app beside the module's, at /{name}, with the module app's arguments but `overrides`."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = {"bundle": app.bundle, "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+            "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 8,
+            "request_timeout_s": 120, "api_keys": [ARG_KEY], "max_candidates": 64, **overrides}
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    return replace(app, base=f"{app.base}/{name}", bundle=args["bundle"])
+
+
+def _serve_logs() -> str:
+    """Everything Serve's controller and replicas have logged in this Ray session."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log")))
+
+
+def test_an_added_replica_refuses_a_bundle_overwritten_since_the_app_was_built(app, tmp_path):
+    """Overwrite the bundle while the app runs, load it until the autoscaler adds a replica: the new
+    replica refuses the other weights with a log line naming both digests, and the app keeps
+    serving the pinned ones from the replica it had."""
+    from bundles import make_bundle
+    from ray import serve
+
+    from serve.generator import manifest_digest
+    from tessera.bundle import read_manifest
+
+    uri = make_bundle(tmp_path / "pinned", seed=0)
+    pinned = manifest_digest(read_manifest(uri))
+    served = _extra_app(app, "pinned", bundle=uri, num_cpus=0.25, max_replicas=2, initial_replicas=1,
+                        target_ongoing_requests=1, upscale_delay_s=0, look_back_period_s=0.5,
+                        metrics_interval_s=0.2, max_requests_per_client=64, max_queued_requests=64)
+    try:
+        assert requests.get(f"{served.base}/healthz", timeout=30).json()["bundle_sha256"] == pinned
+        probe = {"prompt": "a small red circle", "seed": 7}
+        before = served.post(probe).json()["data"][0]["b64_json"]
+        make_bundle(tmp_path / "pinned", seed=1)  # other weights, same URI, same model name
+        changed = manifest_digest(read_manifest(uri))
+        assert changed != pinned
+        refusal = re.compile(rf"refusing to serve bundle {re.escape(uri)}: its manifest has sha256 "
+                             rf"{changed[:16]}, but this application was built with {pinned[:16]}")
+        statuses, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                r = served.post({"prompt": "a busy picture", "n": 4, "candidates": 16})
+                statuses.append(r.status_code)
+
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for c in clients:
+            c.start()
+        deadline = time.time() + 120
+        while not refusal.search(_serve_logs()) and time.time() < deadline:
+            time.sleep(1)
+        stop.set()
+        for c in clients:
+            c.join(timeout=120)
+        assert refusal.search(_serve_logs()), "no replica refused the overwritten bundle"
+        assert statuses and set(statuses) == {200}, statuses
+        assert served.post(probe).json()["data"][0]["b64_json"] == before  # still the pinned weights
+        generator = serve.status().applications["pinned"].deployments["ImageGenerator"]
+        assert generator.replica_states.get("RUNNING") == 1, generator
+    finally:
+        serve.delete("pinned")
+
+
+def _scrape(application: str) -> dict[tuple[str, str], float]:
+    """tessera's series on this node's Prometheus endpoint (Ray's metrics export port) for one app:
+    {(sample name, outcome tag): value}, summed over replicas and routes, histogram buckets left out."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    text = requests.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=30).text
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name.startswith("ray_tessera_") and sample.labels.get("application") == application
+                    and "le" not in sample.labels):
+                key = (sample.name, sample.labels.get("outcome", ""))
+                out[key] = out.get(key, 0) + sample.value
+    return out
+
+
+def test_serving_metrics_are_exported_on_the_nodes_prometheus_endpoint(app):
+    served = _extra_app(app, "metered")
+    try:
+        assert served.post({"prompt": "a red circle", "n": 2, "candidates": 5, "seed": 1}).status_code == 200
+        assert served.post({"prompt": "a blue square", "seed": 2}).status_code == 200
+        assert_error(served.post({"prompt": "a", "n": 0}), 400, code="invalid_value")
+        assert_error(served.post({"prompt": "a"}, key="wrong"), 401, code="invalid_api_key")
+        expected = {
+            ("ray_tessera_images_generated_total", ""): 3,  # n = 2 + 1
+            ("ray_tessera_candidates_drawn_total", ""): 6,  # candidates = 5 + 1
+            ("ray_tessera_request_latency_s_count", "ok"): 2,
+            ("ray_tessera_request_latency_s_count", "invalid_value"): 1,
+            ("ray_tessera_request_latency_s_count", "invalid_api_key"): 1,
+            ("ray_tessera_queue_depth", ""): 0,  # nothing waiting any more
+        }
+        # Ray's metrics agent exports what the replicas report, every few seconds.
+        deadline, got = time.time() + 60, _scrape("metered")
+        while {k: got.get(k) for k in expected} != expected:
+            assert time.time() < deadline, got
+            time.sleep(1)
+            got = _scrape("metered")
+        assert got[("ray_tessera_request_latency_s_sum", "ok")] > 0
+    finally:
+        from ray import serve
+
+        serve.delete("metered")
 
 
 _FIELDS = ["prompt", "model", "n", "size", "response_format", "user", "quality", "style", "background",
@@ -326,7 +533,8 @@ def _one_replica_app(app: Served, timeout_s: float) -> Served:
     application = build_app({
         "bundle": app.bundle, "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
         "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 3,
-        "request_timeout_s": timeout_s, "api_keys": [ARG_KEY], "max_candidates": MAX_CANDIDATES_OVERLOAD})
+        "request_timeout_s": timeout_s, "api_keys": [ARG_KEY], "max_candidates": MAX_CANDIDATES_OVERLOAD,
+        "max_requests_per_client": 16})  # all its requests come from one caller
     serve.run(application, name="tessera-overload", route_prefix="/overload")
     return replace(app, base=f"{app.base}/overload")
 

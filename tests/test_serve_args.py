@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from serve.api import ApiError, Limits, check_content_type, generation_kwargs, parse_request
-from serve.args import AppArgs, parse_args
+from serve.args import AppArgs, auth_state, host_allowed, parse_args
 from serve.images import ImageStore
 from tessera.viz import png_bytes
 
@@ -49,6 +49,10 @@ def test_config_yaml_is_a_valid_serve_deploy_config_with_valid_app_args():
     ({"bundle": "b", "api_keys": ["has space"]}, "api_keys"),
     ({"bundle": "b", "max_queued_requests": -2}, "max_queued_requests"),
     ({"bundle": "b", "request_timeout_s": 0}, "request_timeout_s"),
+    ({"bundle": "b", "max_requests_per_client": 0}, "max_requests_per_client"),
+    ({"bundle": "b", "allowed_hosts": "https://images.example.com"}, "allowed_hosts"),
+    ({"bundle": "b", "allowed_hosts": ["127.0.0.1:8000"]}, "allowed_hosts"),
+    ({"bundle": "b", "allowed_hosts": []}, "allowed_hosts"),
 ])
 def test_build_app_refuses_bad_args_naming_the_field(bad, field):
     from serve.app import build_app
@@ -152,12 +156,65 @@ def test_candidates_need_a_reranker_and_good_requests_map_to_generation_fields()
     assert generation_kwargs(parse_request(b'{"prompt": "a", "size": "auto"}', LIMITS)) == {"n": 1}
 
 
-def test_content_type_must_be_json():
-    check_content_type(None)
+def test_content_type_must_be_json_and_present():
     check_content_type("application/json; charset=utf-8")
-    with pytest.raises(ApiError) as info:
-        check_content_type("text/plain")
-    assert info.value.status == 415
+    for bad in ("text/plain", None, ""):
+        with pytest.raises(ApiError) as info:
+            check_content_type(bad)
+        assert info.value.status == 415 and info.value.code == "unsupported_media_type"
+    with pytest.raises(ApiError, match="Content-Type is missing"):
+        check_content_type(None)
+
+
+def test_auth_state_fails_closed_off_loopback_and_never_shows_a_key():
+    keys = AppArgs(bundle="b", api_keys=["secret-key-1", "secret-key-2"])
+    for host in ("0.0.0.0", "127.0.0.1", None):
+        state = auth_state(keys, host)
+        assert "keys configured: 2" in state and "secret-key" not in state
+    anonymous = AppArgs(bundle="b")
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", None):
+        assert auth_state(anonymous, host).startswith("anonymous on loopback"), host
+    for host in ("0.0.0.0", "::", "10.1.2.3", "my-host.internal"):
+        with pytest.raises(ValueError, match="refusing to serve without API keys") as info:
+            auth_state(anonymous, host)
+        assert all(w in str(info.value) for w in (host, "http_options.host", "api_keys", "TESSERA_API_KEYS",
+                                                  "allow_anonymous"))
+    chosen = AppArgs(bundle="b", allow_anonymous=True)
+    assert auth_state(chosen, "0.0.0.0").startswith("anonymous by explicit choice")
+    # The CLI's strings: `allow_anonymous=true`.
+    assert parse_args({"bundle": "b", "allow_anonymous": "true"}, environ={}).allow_anonymous is True
+
+
+def test_host_allow_list():
+    default = AppArgs(bundle="b").allowed_hosts
+    assert default == ["localhost", "127.0.0.1", "::1"]
+    for ok in ("127.0.0.1:8000", "localhost", "LOCALHOST:80", "[::1]:8000", "localhost."):
+        assert host_allowed(ok, default), ok
+    # A DNS-rebinding page sends its own name; a missing Host is refused too.
+    for bad in ("evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example", "", None,
+                "[::2]:80"):
+        assert not host_allowed(bad, default), bad
+    listed = parse_args({"bundle": "b", "allowed_hosts": "images.example.com, *.corp.example, [::1]"},
+                        environ={}).allowed_hosts
+    assert listed == ["images.example.com", "*.corp.example", "::1"]
+    assert host_allowed("images.example.com:443", listed) and host_allowed("a.b.corp.example", listed)
+    assert not host_allowed("corp.example", listed) and not host_allowed("evilcorp.example", listed)
+    assert host_allowed("anything:1", ["*"]) and host_allowed(None, ["*"])
+
+
+def test_manifest_pinning_names_the_bundle_and_both_digests():
+    from serve.generator import check_pinned, manifest_digest
+
+    manifest = {"name": "m", "files": {"prior.safetensors": {"sha256": "aa"}}, "created": 1}
+    digest = manifest_digest(manifest)
+    # The content, not the key order or formatting, decides.
+    assert digest == manifest_digest(json.loads(json.dumps(dict(reversed(manifest.items())), indent=2)))
+    check_pinned(manifest, uri="s3://b/bundle", pinned=digest)
+    changed = {**manifest, "files": {"prior.safetensors": {"sha256": "bb"}}}
+    with pytest.raises(RuntimeError, match="refusing to serve bundle s3://b/bundle") as info:
+        check_pinned(changed, uri="s3://b/bundle", pinned=digest)
+    assert digest[:16] in str(info.value) and manifest_digest(changed)[:16] in str(info.value)
+    assert "'m'" in str(info.value)
 
 
 def test_png_encoding_round_trips():

@@ -181,11 +181,18 @@ def test_train_prior_job_streams_token_shards_from_s3_and_exports(ray_cluster, s
     tokens_uri = f"s3://{bucket}/tokens"
     _write_token_dataset(tokens_uri, dvae_uri, grid=8, vocab=128, text_vocab=30)
     cfg = load_config("debug", [*TINY, f"run.root_uri={tmp_path}", f"prior.tokens_uri={tokens_uri}",
-                                "prior.steps=4", "prior.checkpoint_every=4", "prior.eval_every=4",
-                                "prior.report_every=2", "ray.data_cpu_limit=1",
+                                "prior.steps=4", "prior.checkpoint_every=2", "prior.eval_every=4",
+                                "prior.report_every=2", "prior.keep_checkpoints=1", "ray.data_cpu_limit=1",
                                 "loader.local_shuffle_buffer=16"])
     result = fit(cfg, "prior")
     assert result.metrics["step"] == 4
+    # Checkpoints at steps 2 and 4; only the latest is kept in the run's storage.
+    import json
+
+    run_dir = Path(cfg.paths.stage("prior")) / f"{cfg.run.name}-prior"
+    kept = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert len(kept) == 1 and json.loads((kept[0] / "tessera_state.json").read_text())["step"] == 4
+    assert (kept[0] / "weights.safetensors").is_file()
     assert result.metrics["val_image_loss"] > 0 and result.metrics["val_image_loss_uncond"] > 0
     model = artifacts.load("prior", cfg.paths.export("prior"))
     assert (model.shape.grid, model.shape.image_vocab, model.shape.text_vocab,

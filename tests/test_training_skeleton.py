@@ -129,3 +129,17 @@ def test_accumulated_steps_report_every_micro_batch(section, one_process_group, 
     assert last == io.reports[-1]
     if section == "prior":  # tokens per sequence: 6 caption + 3 × 3 image tokens
         assert last["tokens_per_s"] == pytest.approx(last["samples_per_s"] * (TEXT_LEN + 9))
+
+
+def test_ray_train_keeps_the_configured_number_of_checkpoints(tmp_path):
+    from tessera.config import ConfigError
+    from tessera.training.ray_io import run_config
+
+    cfg = load_config("debug", [f"run.root_uri={tmp_path}"])
+    rc = run_config(cfg, "prior")
+    assert rc.checkpoint_config.num_to_keep == 2 and rc.name == f"{cfg.run.name}-prior"
+    assert rc.storage_path == str(tmp_path / "prior")
+    assert run_config(load_config("debug", [f"run.root_uri={tmp_path}", "dvae.keep_checkpoints=null"]),
+                      "dvae").checkpoint_config.num_to_keep is None  # every one, when asked
+    with pytest.raises(ConfigError, match="reranker.keep_checkpoints"):
+        load_config("debug", ["reranker.keep_checkpoints=0"])

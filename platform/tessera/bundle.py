@@ -197,7 +197,10 @@ def export_bundle(cfg) -> dict:
                           "(run jobs/train_prior.py first, or set export.prior_uri)")
     tokens = _json(prior_meta_uri, storage.read_bytes(prior_meta_uri, opts)).get("tokens") or {}
     dvae_uri = (tokens.get("dvae") or {}).get("uri") or cfg.paths.encode_dvae
-    tokenizer_uri = storage.join(cfg.paths.prior_tokens, TOKENIZER)
+    # Where the token manifest says: inside its generation (at the top in older token datasets).
+    token_manifest = published.existing(cfg.paths.prior_tokens, opts) or {}
+    tokenizer_path = (token_manifest.get("tokenizer") or {}).get("path", TOKENIZER)
+    tokenizer_uri = storage.join(cfg.paths.prior_tokens, tokenizer_path)
     want = (tokens.get("tokenizer") or {}).get("sha256")
     if want and _sha256(storage.read_bytes(tokenizer_uri, opts)) != want:
         raise BundleError(f"{tokenizer_uri}: not the tokenizer the prior at {prior_uri} was trained with "

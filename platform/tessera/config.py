@@ -52,6 +52,11 @@ class StorageConfig(Section):
     anonymous: bool = False
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
+    # S3 objects above this go up as a multipart upload in parts of this size (S3 allows 5 MiB to
+    # 5 GiB, and 10,000 parts: a larger object gets larger parts); a failed upload is aborted.
+    multipart_part_mib: int = Field(64, ge=5, le=5120)
+    # GCS endpoint (an emulator, a private endpoint); None: STORAGE_EMULATOR_HOST, else Google.
+    gcs_endpoint_url: str | None = None
 
 
 class RayConfig(Section):
@@ -168,6 +173,9 @@ class StageTrainConfig(Section):
     report_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    # Checkpoints kept in the run's storage: the latest N (older ones are deleted as new ones land);
+    # None keeps every one (weights + optimizer state each time: for a cluster run, terabytes).
+    keep_checkpoints: int | None = Field(2, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
     # Worker placement: PACK fills a node first (multi-GPU nodes); SPREAD uses as many nodes as it can.
@@ -448,6 +456,19 @@ class EncodeConfig(Section):
         return self
 
 
+class CardConfig(Section):
+    """The model card export writes into the bundle (README.md, tessera.model_card); the HTTP API's
+    GET /v1/models/{id} returns its summary."""
+
+    # The weights' license: an SPDX id (apache-2.0, cc-by-nc-4.0, ...) or "other"; None: not stated.
+    license: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
+    license_name: str | None = Field(None, max_length=200)  # the name of an "other" license
+    license_link: str | None = Field(None, max_length=500)  # where the license text is
+    # What the model is for; None: research and demos of text-to-image generation on its data's domain.
+    intended_use: str | None = Field(None, max_length=2000)
+    limitations: list[str] = []  # added to those the card works out itself
+
+
 class ExportConfig(Section):
     """jobs/export.py: the model bundle serving and generation load."""
 
@@ -457,6 +478,7 @@ class ExportConfig(Section):
     prior_uri: Uri | None = None  # the prior's export; default: {prior uri}/export
     include_reranker: bool = True  # when the reranker's export exists
     overwrite: bool = True  # replace a bundle already at output_uri (its manifest is removed first)
+    card: CardConfig = Field(default_factory=CardConfig)
 
 
 class ClassifierConfig(Section):
@@ -500,7 +522,7 @@ class EvaluateConfig(Section):
     # report.json (written last), report.md, sample grids and curves; None: {run.root_uri}/eval
     output_uri: Uri | None = None
     num_captions: int = Field(256, ge=0)  # the first this many captions of the prepared val split
-    num_heldout: int = Field(256, ge=0)  # the first this many held-out captions (novel colour/shape pairs)
+    num_heldout: int = Field(256, ge=0)  # the first this many heldout captions (shapes: novel pairs)
     # All candidates kept: candidate 0 scores "without reranking", the reranker's best "with" it.
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(candidates=4))
     # generation actors, each holding the bundle
@@ -531,6 +553,10 @@ class GenerateConfig(Section):
     # {generation}/images/*.png, index.jsonl, then manifest.json; None: {run.root_uri}/generated.
     output_uri: Uri | None = None
     bundle_uri: Uri | None = None  # the bundle to draw with (--bundle sets it); None: {run.root_uri}/bundle
+    # Image-to-image (--image sets it): a PNG, JPEG or WebP whose top keep_rows token rows prime every
+    # caption (the DALL·E paper's priming); the rest of each image is drawn. None: plain generation.
+    image_uri: Uri | None = None
+    keep_rows: int | None = Field(None, ge=1)  # token rows of image_uri kept; None: the upper half
     n: int = Field(1, ge=1, le=64)  # images kept per caption: the reranker's best n of sampling.candidates
     # line i is seeded by a hash of (seed, i)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -549,6 +575,45 @@ class GenerateConfig(Section):
         if self.sampling.candidates is not None and self.sampling.candidates < self.n:
             raise ValueError(f"sampling.candidates ({self.sampling.candidates}) must be at least "
                              f"n ({self.n})")
+        if self.keep_rows is not None and self.image_uri is None:
+            raise ValueError("keep_rows: only applies with an image to edit (generate.image_uri, or --image)")
+        return self
+
+
+class TrackingConfig(Section):
+    """Experiment tracking: every training stage's reports (the figures of its progress lines) and
+    sample grids, sent from rank 0 (tessera.training.tracking). Each stage is one tracked run,
+    {run.name}-{stage}; rerunning a stage at the same place (a resume) continues it."""
+
+    # none; tensorboard (event files: the `tensorboard` package); mlflow (`mlflow-skinny` is
+    # enough); wandb (the `wandb` package). The package is imported only when chosen.
+    kind: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    # tensorboard: the log folder, a local path or a storage URI (s3://, gs://: events are written
+    # locally and copied there); mlflow: the tracking URI (a local path: a file store, or a server's
+    # http(s)://); wandb: the folder of its local files. None: {run.root_uri}/tracking (mlflow and
+    # wandb need a local run.root_uri for it).
+    uri: Uri | None = None
+    # The MLflow experiment, or the W&B project.
+    experiment: str = Field("tessera", min_length=1)
+    images: bool = True  # sample grids (PNG) logged too: TensorBoard images, MLflow/W&B artifacts
+
+    # kind -> (module imported, package to install)
+    PACKAGES: ClassVar[dict[str, tuple[str, str]]] = {
+        "tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
+        "wandb": ("wandb", "wandb")}
+
+    @model_validator(mode="after")
+    def _backend(self) -> TrackingConfig:
+        if self.kind == "none":
+            return self
+        module, package = self.PACKAGES[self.kind]
+        # Checked here so a missing package fails before Ray starts; not imported until a stage logs.
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"kind: {self.kind} needs the {package} package, which is not installed "
+                             f"(pip install {package})")
+        if self.kind in ("mlflow", "wandb") and self.uri and storage.scheme_of(self.uri) in ("s3", "gs"):
+            raise ValueError(f"uri: {self.kind} cannot keep its store in object storage ({self.uri}); "
+                             "give a local path or, for mlflow, a tracking server (http://...)")
         return self
 
 
@@ -566,6 +631,17 @@ class TesseraConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _tracking_store(self) -> TesseraConfig:
+        t = self.tracking
+        local_root = storage.scheme_of(self.run.root_uri) in ("", "file")
+        if t.kind in ("mlflow", "wandb") and t.uri is None and not local_root:
+            raise ValueError(f"tracking.uri: tracking.kind {t.kind} keeps its files locally and run.root_uri "
+                             f"is {self.run.root_uri}; set tracking.uri (a local path"
+                             + (", or a tracking server's http(s)://)" if t.kind == "mlflow" else ")"))
+        return self
 
     @property
     def paths(self) -> RunPaths:

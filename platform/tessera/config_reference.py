@@ -77,19 +77,24 @@ def reference_markdown() -> str:
         lines += [f"## `{prefix.rstrip('.')}`", ""]
         if doc and model.__doc__ is not None and "__doc__" in vars(model):
             lines += [" ".join(doc.split()), ""]
-        notes = {}
-        for cls in reversed(model.__mro__):  # fields a base section declares keep their comments
-            if isinstance(cls, type) and issubclass(cls, BaseModel) and cls not in (BaseModel, C.Section):
-                notes.update(_comments(cls))
         lines += ["| field | type | default | notes |", "|---|---|---|---|"]
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                continue
-            note = notes.get(name, "").replace("|", "\\|")
-            lines.append(f"| `{prefix}{name}` | `{_type(ann)}` | `{_default(field)}` | {note} |")
+        for path, kind, default, note in section_fields(model, prefix):
+            note = note.replace("|", "\\|")
+            lines.append(f"| `{path}` | `{kind}` | `{default}` | {note} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def section_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(path, type, default, note) of each field of a section, nested sections left out; also what
+    `tessera <verb> --help` lists."""
+    notes = {}
+    for cls in reversed(model.__mro__):  # fields a base section declares keep their comments
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls not in (BaseModel, C.Section):
+            notes.update(_comments(cls))
+    return [(f"{prefix}{name}", _type(field.annotation), _default(field), notes.get(name, ""))
+            for name, field in model.model_fields.items()
+            if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ A section's own URI wins when the config sets one; otherwise each stage lives un
     {root}/bundle      the model bundle serving and generation load             (export)
     {root}/eval        report.json, report.md, grids, curves; classifier/       (evaluate)
     {root}/generated   gen-…/images/*.png + index.jsonl, manifest.json          (generate)
+    {root}/tracking    {run.name}-{stage}/ event files, or an MLflow file store (tracking.kind)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class RunPaths:
     classifier: str  # evaluate's saved attribute classifier
     generated: str
     generate_bundle: str  # the bundle generate draws with
+    tracking: str  # TensorBoard's log folder, MLflow's tracking URI or W&B's folder (tracking.kind)
 
     @classmethod
     def of(cls, cfg) -> RunPaths:
@@ -62,6 +64,7 @@ class RunPaths:
             classifier=under(cfg.evaluate.classifier.uri, "eval", "classifier"),
             generated=under(cfg.generate.output_uri, "generated"),
             generate_bundle=cfg.generate.bundle_uri or bundle,
+            tracking=under(cfg.tracking.uri, "tracking"),
         )
 
     def stage(self, name: str) -> str:

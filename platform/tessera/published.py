@@ -2,9 +2,12 @@
 a report keeps.
 
 A job writes its files under a fresh `gen-…` folder and `manifest.json` last; the manifest names
-the generation, so readers never see a half-written output, and any other generation folder is
-garbage from a crashed or superseded run. Every manifest starts with the same header (`header`):
-its kind, format version, creation time and the code version that wrote it.
+the generation, so readers never see a half-written output. Publishing keeps the generation it
+replaces (the manifest names it `previous_generation`) until the next publish, so a job that
+read the old manifest — a training run streaming its shards for hours — can finish reading it;
+any other generation folder is garbage from a crashed or superseded run. Every manifest starts
+with the same header (`header`): its kind, format version, creation time and the code version
+that wrote it.
 """
 
 from __future__ import annotations
@@ -82,17 +85,30 @@ def generation_names(folder: str, options: storage.StorageOptions | None = None)
     return sorted(n for n in names if n.startswith("gen-"))
 
 
+def retained(manifest: dict | None) -> list[str]:
+    """The generations a published manifest keeps alive: its own and the one it replaced."""
+    m = manifest or {}
+    return [g for g in (m.get("generation"), m.get("previous_generation")) if g]
+
+
 def clear_unpublished_generations(folder: str, options: storage.StorageOptions,
                                   keep: str | None | list[str | None]) -> None:
-    """Delete the generation folders under `folder` except `keep` (one name or several)."""
+    """Delete the generation folders under `folder` except `keep` (one name or several) and those
+    the published manifest there keeps alive (`retained`)."""
     kept = set(keep) if isinstance(keep, list) else {keep}
+    kept.update(retained(existing(folder, options)))
     for name in generation_names(folder, options):
         if name not in kept:
             storage.remove_tree(storage.join(folder, name), options)
 
 
 def publish(folder: str, manifest: dict, options: storage.StorageOptions, old: dict | None) -> None:
-    """Write the manifest (this makes the new generation visible), then drop the one it replaced."""
+    """Write the manifest (this makes the new generation visible), naming the generation it replaces
+    as `previous_generation`; then delete every other one, among them the one the old manifest had
+    kept alive: it has now been out of print for a whole publish."""
+    previous = (old or {}).get("generation")
+    if previous and previous != manifest["generation"]:
+        manifest["previous_generation"] = previous
     storage.write_json(storage.join(folder, MANIFEST), manifest, options)
-    if old is not None and old.get("generation") and old["generation"] != manifest["generation"]:
-        clear_unpublished_generations(folder, options, keep=manifest["generation"])
+    if previous:
+        clear_unpublished_generations(folder, options, keep=retained(manifest))

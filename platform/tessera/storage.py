@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 OBJECT_STORE_SCHEMES = ("s3", "gs")
+MIB = 1 << 20
+S3_MAX_PARTS = 10_000
+S3_PART_UPLOADS = 8  # parts in flight at once: ~8 × the part size of memory beside the object
+# pyarrow's GCS client raises ArrowInvalid (a ValueError) for permanent HTTP errors, OSError for the rest.
+_STORE_ERRORS = (OSError, pa.ArrowException)
 
 
 class StorageError(OSError):
@@ -37,6 +43,8 @@ class StorageOptions:
     anonymous: bool = False
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 60.0
+    multipart_part_mib: int = 64
+    gcs_endpoint_url: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Any | None) -> StorageOptions:
@@ -72,6 +80,12 @@ def _endpoint(opts: StorageOptions) -> str | None:
     return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _split_endpoint(endpoint: str) -> dict[str, str]:
+    """pyarrow's endpoint_override/scheme from a URL or a bare host:port (https)."""
+    ep = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return dict(endpoint_override=ep.netloc, scheme=ep.scheme or "https")
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, opts: StorageOptions) -> pafs.FileSystem:
     if scheme in ("", "file"):
@@ -85,14 +99,15 @@ def _filesystem(scheme: str, opts: StorageOptions) -> pafs.FileSystem:
         )
         endpoint = _endpoint(opts)
         if endpoint:
-            ep = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-            kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme or "https")
+            kwargs.update(_split_endpoint(endpoint))
         region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs)
     if scheme == "gs":
-        return pafs.GcsFileSystem(anonymous=opts.anonymous)
+        # STORAGE_EMULATOR_HOST: the variable Google's own client libraries read for an emulator.
+        endpoint = opts.gcs_endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
+        return pafs.GcsFileSystem(anonymous=opts.anonymous, **(_split_endpoint(endpoint) if endpoint else {}))
     raise StorageError(f"unsupported URI scheme {scheme!r}: use a local path, file://, s3:// or gs://")
 
 
@@ -138,7 +153,7 @@ def file_info(uri: str, options: StorageOptions | None = None) -> pafs.FileInfo:
     fs, path = resolve(uri, options)
     try:
         return fs.get_file_info(path)
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
 
 
@@ -162,7 +177,7 @@ def list_files(uri: str, options: StorageOptions | None = None, *,
             infos = []
         else:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
     files = [
         i.path
@@ -200,7 +215,7 @@ def require_writable(uri: str, options: StorageOptions | None = None) -> None:
     bucket = path.split("/", 1)[0]
     try:
         info = fs.get_file_info(bucket)
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: bucket {bucket!r} does not exist")
@@ -213,7 +228,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{uri}: not found") from None
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
 
 
@@ -226,13 +241,18 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any:
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Write atomically: the object/file is either absent or complete under its final name.
+    """Write atomically: the object/file is either absent or complete under its final name, and
+    whatever was there before stays until the new one is complete.
 
     Local files go to a temporary name in the same folder and are renamed over the target.
-    Object stores publish an object only when its upload completes; the bytes are all in memory
-    before the upload starts, and a failed upload is abandoned, never completed.
+    S3: one PutObject up to the part size; above it a multipart upload whose parts go up in
+    parallel and which is completed only once every part is in, or aborted on any failure (the
+    object never appears and no parts are left stored). GCS: one resumable upload, handed the
+    whole buffer in one write; it declares the object's size on finalising, so the object appears
+    only when every byte arrived.
     """
-    fs, path = resolve(uri, options)
+    opts = options or StorageOptions()
+    fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -249,21 +269,56 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
             raise
         return
     if scheme_of(uri) == "s3":
-        # One PutObject is all-or-nothing. (pyarrow's S3 stream completes a multipart upload on
-        # close, even after a failed part, so it could publish a partial object.)
+        # boto3, not pyarrow's S3 stream: that one completes its multipart upload on close even
+        # when the code writing to it failed, so it would publish a partial object; and it has no abort.
         bucket, _, key = path.partition("/")
+        client = _s3_client(opts)
         try:
-            _s3_client(options or StorageOptions()).put_object(Bucket=bucket, Key=key, Body=data)
+            if len(data) <= opts.multipart_part_mib * MIB:
+                client.put_object(Bucket=bucket, Key=key, Body=data)
+            else:
+                _multipart_put(client, bucket, key, data, part_bytes=opts.multipart_part_mib * MIB)
         except Exception as e:  # botocore raises many unrelated types
             raise StorageError(_explain(uri, e)) from None
         return
-    # GCS publishes an object only when its resumable upload is finalised, which a single
-    # in-memory write followed by close does in one step.
     try:
         with fs.open_output_stream(path) as stream:
             stream.write(data)
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
+
+
+def _multipart_put(client, bucket: str, key: str, data: bytes, *, part_bytes: int) -> None:
+    """Upload `data` in parts of `part_bytes` (more when 10,000 parts would not hold it), up to
+    S3_PART_UPLOADS at once; any failure aborts the upload, so S3 drops the parts sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = max(part_bytes, -(-len(data) // S3_MAX_PARTS))
+    view = memoryview(data)
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+
+    def put(number: int) -> dict:
+        # bytes(): botocore takes bytes or a file, not a memoryview; one part copied at a time.
+        body = bytes(view[(number - 1) * size:number * size])
+        etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                  Body=body)["ETag"]
+        return {"PartNumber": number, "ETag": etag}
+
+    pool = ThreadPoolExecutor(S3_PART_UPLOADS)
+    try:
+        futures = [pool.submit(put, n) for n in range(1, -(-len(data) // size) + 1)]
+        parts = [f.result() for f in futures]
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                         MultipartUpload={"Parts": parts})
+    except BaseException:
+        # Parts not started never start; those in flight finish first, since a part that lands
+        # after the abort would stay stored.
+        pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+    finally:
+        pool.shutdown()
 
 
 @functools.lru_cache(maxsize=4)
@@ -301,7 +356,7 @@ def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
             fs.delete_dir(path)
     except FileNotFoundError:
         pass
-    except OSError as e:
+    except _STORE_ERRORS as e:
         raise StorageError(_explain(uri, e)) from None
 
 

@@ -6,6 +6,9 @@
       decoded, scored by the reranker, ranked ─▶ one row per kept image:
       {caption, index, seed, candidate, rank, score, png | file}
 
+With generate.image_uri every caption is an edit of that one image: its top keep_rows token rows
+prime each draw (tessera.sampling.priming), as POST /v1/images/edits does.
+
 Each caption's seed s is a hash of (base seed, stream, caption index), so an image depends on its
 caption, its index and the settings only, never on batching or actor placement, and the HTTP API
 with seed s, n=1, candidates=M returns a caption's rank-0 image. Drawing all M with no reranking
@@ -19,7 +22,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -49,6 +52,7 @@ class Sampling:
     top_p: float | None = None
     guidance_scale: float = 1.0
     seed: int = 0  # the base seed
+    keep_rows: int = 0  # token rows of the edited image kept (0: no image, plain generation)
 
     @classmethod
     def of(cls, config, *, keep: int) -> Sampling:
@@ -58,23 +62,30 @@ class Sampling:
                    seed=config.seed)
 
 
-def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: Sampling):
+def draw_candidates(generator, prompts: list[str], seeds: list[int], sampling: Sampling,
+                    image: np.ndarray | None = None):
     """M candidates per prompt as drawn, and their reranker scores.
 
-    generator: a tessera.sampling.generate.ImageGenerator. Returns uint8 images (B, M, S, S, 3)
-    and scores (B, M) float32, or None when the bundle has no reranker."""
+    generator: a tessera.sampling.generate.ImageGenerator; image: (S, S, 3) uint8 whose top
+    sampling.keep_rows token rows prime every prompt. Returns uint8 images (B, M, S, S, 3) and
+    scores (B, M) float32, or None when the bundle has no reranker."""
     import torch
 
     from tessera.models.dvae import to_pixels
+    from tessera.sampling.priming import prime_tokens
     from tessera.sampling.sampler import sample_image_tokens
 
     m = sampling.candidates
     ids, mask = generator.encode_prompts(prompts)
     with torch.no_grad():
+        prime = None
+        if sampling.keep_rows:
+            prime = prime_tokens(generator.dvae, image[None], sampling.keep_rows).expand(len(prompts), -1)
         tokens = sample_image_tokens(generator.prior, ids, mask, temperature=sampling.temperature,
                                      top_k=sampling.top_k,
                                      top_p=sampling.top_p, seed=candidate_seeds(seeds, m),
-                                     guidance_scale=sampling.guidance_scale, samples_per_prompt=m)
+                                     guidance_scale=sampling.guidance_scale, prime=prime,
+                                     samples_per_prompt=m)
         images = generator.dvae.decode(tokens.to(generator.device))  # (B·M, 3, S, S) in [0, 1]
         scores = None
         if generator.reranker is not None:
@@ -102,7 +113,7 @@ class CandidateGenerator:
 
     def __init__(self, *, bundle_uri: str, options: storage.StorageOptions | None, sampling: dict,
                  output_uri: str | None = None, images_folder: str = "images", threads: int | None = None,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, image: np.ndarray | None = None):
         import torch
 
         from tessera.bundle import load_bundle
@@ -116,16 +127,18 @@ class CandidateGenerator:
                                         device=device)
         s = self.sampling
         params = GenerationParams(n=s.keep, seed=0, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                  guidance_scale=s.guidance_scale, candidates=s.candidates)
+                                  guidance_scale=s.guidance_scale, candidates=s.candidates,
+                                  image=image if s.keep_rows else None, keep_rows=s.keep_rows or None)
         self.generator.check(params, max_n=s.candidates, max_candidates=max(64, s.candidates))
         self.options, self.output_uri, self.images_folder = options, output_uri, images_folder
+        self.image = image
 
     def __call__(self, batch: dict) -> dict:
         captions = [str(c) for c in batch["caption"]]
         indices = [int(i) for i in batch["index"]]
         seeds = [int(s) for s in batch["seed"]]
         s = self.sampling
-        images, scores = draw_candidates(self.generator, captions, seeds, s)
+        images, scores = draw_candidates(self.generator, captions, seeds, s, self.image)
         ranks = rank_candidates(scores, s.candidates, len(captions))
         extra = [k for k in batch if k not in ("caption", "index", "seed")]  # passed through per row
         out: dict[str, list] = {k: [] for k in ("caption", "index", "seed", "candidate", "rank", "score",
@@ -155,9 +168,11 @@ class CandidateGenerator:
 def generate_images(captions: list[dict], *, bundle_uri: str, sampling: Sampling, options=None,
                     batch_size: int = 16,
                     num_actors: int = 1, cpus_per_actor: float = 1.0, use_gpu: bool = False,
-                    output_uri: str | None = None, images_folder: str = "images") -> list[dict]:
+                    output_uri: str | None = None, images_folder: str = "images",
+                    image: np.ndarray | None = None) -> list[dict]:
     """Run CandidateGenerator over caption rows ({"caption", "index", "seed"}) on the current Ray
-    cluster; rows sorted by (index, rank). Needs Ray (started by the job)."""
+    cluster; rows sorted by (index, rank). image: what every caption edits (with sampling.keep_rows).
+    Needs Ray (started by the job)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -169,7 +184,7 @@ def generate_images(captions: list[dict], *, bundle_uri: str, sampling: Sampling
         compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else None,
         fn_constructor_kwargs=dict(bundle_uri=bundle_uri, options=options, sampling=asdict(sampling),
                                    output_uri=output_uri, images_folder=images_folder,
-                                   threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu))
+                                   threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu, image=image))
     rows = ds.take_all()
     for r in rows:
         r["index"], r["seed"], r["candidate"], r["rank"] = (int(r[k])
@@ -236,10 +251,32 @@ MANIFEST_KIND = "tessera.generated_images"
 INDEX = "index.jsonl"
 
 
+def load_edit_image(cfg, bundle: dict) -> tuple[np.ndarray | None, int]:
+    """generate.image_uri at the bundle's resolution and the token rows it keeps (generate.keep_rows,
+    else the upper half); (None, 0) without an image. ValueError naming the field at fault."""
+    from tessera.sampling.priming import check_keep_rows, default_keep_rows, load_image
+
+    g = cfg.generate
+    if not g.image_uri:
+        return None, 0
+    data = storage.read_bytes(g.image_uri, storage.StorageOptions.from_config(cfg.storage))
+    try:
+        image = load_image(data, int(bundle["resolution"]))
+    except ValueError as e:
+        raise ValueError(f"generate.image_uri ({g.image_uri}): {e}") from None
+    grid = int(bundle["parts"]["prior"]["shape"]["grid"])
+    keep_rows = default_keep_rows(grid) if g.keep_rows is None else g.keep_rows
+    try:
+        check_keep_rows(keep_rows, grid)
+    except ValueError as e:
+        raise ValueError(f"generate.{e}") from None
+    return image, keep_rows
+
+
 def run_generate(cfg) -> dict:
-    """jobs/generate.py on the current Ray cluster: captions file -> PNGs under a fresh generation
-    folder, its index.jsonl, then manifest.json (last: it publishes them and retires the previous
-    generation). Returns the manifest."""
+    """jobs/generate.py on the current Ray cluster: captions file (and with generate.image_uri, the
+    image every caption edits) -> PNGs under a fresh generation folder, its index.jsonl, then
+    manifest.json (last: it publishes them and retires the previous generation). Returns the manifest."""
     import time
 
     import ray
@@ -252,6 +289,7 @@ def run_generate(cfg) -> dict:
         raise ValueError("generate.captions_uri: not set (a .txt, .jsonl or .parquet file of captions)")
     bundle_uri, out = cfg.paths.generate_bundle, cfg.paths.generated
     bundle = read_manifest(bundle_uri, opts)
+    image, keep_rows = load_edit_image(cfg, bundle)
     captions, skipped = read_captions(g.captions_uri, options=opts, max_chars=g.max_caption_chars)
     if g.limit is not None:
         captions = captions[: g.limit]
@@ -263,14 +301,14 @@ def run_generate(cfg) -> dict:
     old = published.existing(out, opts)
     published.clear_unpublished_generations(out, opts, keep=old.get("generation") if old else None)
     generation = published.new_generation()
-    sampling, a = Sampling.of(g.sampling, keep=g.n), g.actors
+    sampling, a = replace(Sampling.of(g.sampling, keep=g.n), keep_rows=keep_rows), g.actors
     items = [{**c, "seed": caption_seed(sampling.seed, c["index"])} for c in captions]
     use_gpu = a.use_gpu if a.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     t0 = time.time()
     rows = generate_images(items, bundle_uri=bundle_uri, sampling=sampling, options=opts,
                            batch_size=a.batch_size,
                            num_actors=a.num_actors, cpus_per_actor=a.cpus_per_actor, use_gpu=use_gpu,
-                           output_uri=out, images_folder=f"{generation}/images")
+                           output_uri=out, images_folder=f"{generation}/images", image=image)
     seconds = time.time() - t0
     index = "".join(json.dumps({k: r[k] for k in ("file", "caption", "index", "seed", "rank", "candidate",
                                                   "score")}) + "\n"
@@ -283,6 +321,7 @@ def run_generate(cfg) -> dict:
                      "used": len(captions),
                      "skipped": skipped, "skip_reasons": SKIP_REASONS},
         "sampling": asdict(sampling), "images": len(rows),
+        "edited_image": {"uri": g.image_uri, "keep_rows": keep_rows} if g.image_uri else None,
         "images_drawn": len(captions) * sampling.candidates,
         "seed_rule": "caption line i is seeded s = caption_seed(seed, i); "
                      "its candidate j drew with s*1000 + j",

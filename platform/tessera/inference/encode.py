@@ -230,6 +230,8 @@ def run_encode(cfg: TesseraConfig) -> dict:
 
     shape = dvae_meta["shape"]
     wall = time.time() - started
+    # In this generation, as the shards: a failed re-encode leaves the published one's as it was.
+    tokenizer_path = f"{generation}/{data['tokenizer']['path'].rsplit('/', 1)[-1]}"
     total = sum(s["num_samples"] for s in splits.values())
     manifest = {
         **published.header(MANIFEST_KIND, generation=generation),
@@ -237,7 +239,7 @@ def run_encode(cfg: TesseraConfig) -> dict:
         "num_image_tokens": shape["num_tokens"],
         "image_size": shape["image_size"],
         "text_vocab_size": data["tokenizer"]["vocab_size"],
-        "tokenizer": {"path": data["tokenizer"]["path"], "sha256": data["tokenizer"]["sha256"]},
+        "tokenizer": {"path": tokenizer_path, "sha256": data["tokenizer"]["sha256"]},
         "data": {"uri": cfg.paths.data, "generation": data["generation"], "resolution": data["resolution"]},
         "dvae": {"uri": cfg.paths.encode_dvae, "step": dvae_meta.get("step"), "shape": shape},
         "num_samples": total,  # rows: with views > 1 a training image has `views` of them
@@ -252,7 +254,7 @@ def run_encode(cfg: TesseraConfig) -> dict:
         "config": cfg.model_dump(mode="json"),
     }
     # The tokenizer travels with the tokens, so the prior needs only this folder.
-    storage.write_text(storage.join(cfg.paths.tokens, data["tokenizer"]["path"]), tokenizer_json, opts)
+    storage.write_text(storage.join(cfg.paths.tokens, tokenizer_path), tokenizer_json, opts)
     published.publish(cfg.paths.tokens, manifest, opts, old)
     return manifest
 

@@ -3,19 +3,23 @@
 One `ImageGenerator` holds a loaded bundle; `generate` takes a batch of jobs — (prompt, params)
 pairs, as Serve's dynamic batching or an offline Ray Data batch hands them over — and groups jobs
 whose sampling options match into one sampler call, so a batch of similar requests costs one
-pass of the prior per image position.
+pass of the prior per image position. A job with an `image` is an edit (tessera.sampling.priming):
+its image's top `keep_rows` token rows are kept and the rest drawn.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import secrets
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tessera.models.dvae import to_pixels
+from tessera.sampling.priming import check_keep_rows, default_keep_rows, load_image, prime_tokens
 from tessera.sampling.sampler import sample_image_tokens
 from tessera.sampling.seeds import MAX_CANDIDATES, MAX_SEED, candidate_seeds
 
@@ -29,6 +33,10 @@ class GenerationParams:
     top_p: float | None = None
     guidance_scale: float = 1.0  # 1: no classifier-free guidance
     candidates: int | None = None  # M ≥ n images drawn, the best n by the reranker kept; None: n
+    # Image-to-image: (S, S, 3) uint8 at the model's resolution (priming.load_image makes one); its
+    # first keep_rows token rows are kept (None: the upper half) and the rest drawn.
+    image: np.ndarray | None = None
+    keep_rows: int | None = None
 
     def validate(self, *, max_n: int = 10, max_candidates: int = MAX_CANDIDATES) -> None:
         """ValueError naming the first field at fault."""
@@ -50,6 +58,8 @@ class GenerationParams:
         top = min(max_candidates, MAX_CANDIDATES)
         if self.candidates is not None and not self.n <= self.candidates <= top:
             bad("candidates", f"must be between n={self.n} and {top}, got {self.candidates}")
+        if self.keep_rows is not None and self.image is None:
+            bad("keep_rows", "only applies to an edit (a job with an image)")
 
     @property
     def draws(self) -> int:
@@ -83,11 +93,38 @@ class ImageGenerator:
         [[image]] = self.generate([(prompt, GenerationParams(n=1, **params))])
         return Image.fromarray(image)
 
+    def edit(self, prompt: str, image, **params):
+        """One image for `prompt` primed with the top rows of `image` (a path, file bytes or a PIL
+        image, any size: resized and centre-cropped); `keep_rows` and GenerationParams' fields as
+        for draw."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            image = buf.getvalue()
+        elif not isinstance(image, bytes):
+            image = Path(image).read_bytes()
+        return self.draw(prompt, image=load_image(image, self.resolution), **params)
+
     def check(self, params: GenerationParams, **limits) -> None:
         params.validate(**limits)
         if params.draws > params.n and self.reranker is None:
             raise ValueError(f"candidates: this model ({self.bundle.name}) has no reranker, so candidates "
                              f"must equal n ({params.n}), got {params.candidates}")
+        if params.image is not None:
+            image, S = params.image, self.resolution
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            if got != f"uint8 {(S, S, 3)}":
+                raise ValueError(f"image: must be a ({S}, {S}, 3) uint8 array at the model's resolution "
+                                 f"(tessera.sampling.priming.load_image makes one), got {got}")
+            check_keep_rows(self.keep_rows(params), self.prior.shape.grid)
+
+    def keep_rows(self, params: GenerationParams) -> int:
+        """Token rows of the job's image kept: 0 without an image."""
+        if params.image is None:
+            return 0
+        return default_keep_rows(self.prior.shape.grid) if params.keep_rows is None else params.keep_rows
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.bundle.tokenizer.encode(prompts, text_len=self.text_len)
@@ -103,16 +140,20 @@ class ImageGenerator:
         out: list[list[np.ndarray]] = [[] for _ in jobs]
         groups: dict[tuple, list[int]] = {}
         for i, (_, params) in enumerate(jobs):
-            key = (params.temperature, params.top_k, params.top_p, params.draws)
+            # One sampler call primes every row with the same number of tokens.
+            key = (params.temperature, params.top_k, params.top_p, params.draws, self.keep_rows(params))
             groups.setdefault(key, []).append(i)
-        for (temperature, top_k, top_p, draws), members in groups.items():
+        for (temperature, top_k, top_p, draws, keep_rows), members in groups.items():
             prompts = [jobs[i][0] for i in members]
             ids, mask = self.encode_prompts(prompts)
             seeds = candidate_seeds([jobs[i][1].seed for i in members], draws)  # tessera.sampling.seeds
+            prime = None
+            if keep_rows:
+                prime = prime_tokens(self.dvae, np.stack([jobs[i][1].image for i in members]), keep_rows)
             tokens = sample_image_tokens(self.prior, ids, mask, temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=seeds,
                                          guidance_scale=[jobs[i][1].guidance_scale for i in members],
-                                         samples_per_prompt=draws)
+                                         prime=prime, samples_per_prompt=draws)
             images = self.dvae.decode(tokens.to(self.device))  # (len(members)·draws, 3, S, S) in [0, 1]
             order = self.rank(prompts, images, draws)  # (len(members), draws)
             pixels = to_pixels(images)

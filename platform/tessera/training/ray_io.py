@@ -203,20 +203,32 @@ def training_dataset(cfg, name: str):
     return build_training_dataset(cfg, crops=dvae_crops(cfg) if name == "dvae" else None)
 
 
+def run_config(cfg, name: str):
+    """Ray Train's RunConfig of stage `name`: the run lives at {stage uri}/{run.name}-{name}, so
+    the same name and storage resume it; it keeps the section's keep_checkpoints latest checkpoints
+    and restarts after max_failures worker failures."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    section = getattr(cfg, name)
+    fs, path = storage.resolve(cfg.paths.stage(name), storage.StorageOptions.from_config(cfg.storage))
+    return RunConfig(name=f"{cfg.run.name}-{name}", storage_path=path, storage_filesystem=fs,
+                     checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+                     failure_config=FailureConfig(max_failures=section.max_failures))
+
+
 def fit(cfg, name: str):
-    """Run stage `name`'s TorchTrainer: its config section sets workers, CPUs, GPU and
-    max_failures; the run lives at {stage uri}/{run.name}-{name}, so the same name and storage
-    resume it; the last checkpoint is exported to {stage uri}/export (tessera.artifacts)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """Run stage `name`'s TorchTrainer: its config section sets workers, CPUs, GPU, checkpoints
+    kept and max_failures (run_config); the last checkpoint is exported to {stage uri}/export
+    (tessera.artifacts)."""
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from tessera.cluster import torch_config
     from tessera.data.loader import train_data_config
     from tessera.training.checkpoint import export_checkpoint
 
     section = getattr(cfg, name)
-    output_uri = cfg.paths.stage(name)
     opts = storage.StorageOptions.from_config(cfg.storage)
-    fs, path = storage.resolve(output_uri, opts)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "stage": name},
@@ -225,8 +237,8 @@ def fit(cfg, name: str):
                                      placement_strategy=section.placement_strategy),
         datasets={"train": training_dataset(cfg, name)},
         dataset_config=train_data_config(cfg),
-        run_config=RunConfig(name=f"{cfg.run.name}-{name}", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=section.max_failures)),
+        run_config=run_config(cfg, name),
+        torch_config=torch_config(),  # a local Ray's process-group store on 127.0.0.1 too
     )
     result = trainer.fit()
     if result.checkpoint is not None:

@@ -15,7 +15,8 @@
 A stage overrides `build_model` and `forward_backward` (and, as it needs, the other hooks). The io
 object decides where batches come from and where reports and checkpoints go
 (tessera.training.ray_io under Ray Train; a test's own class in tests), so the same loop runs in a
-Ray Train worker, in one process, and in a test.
+Ray Train worker, in one process, and in a test. With tracking.kind set, rank 0's io also sends its
+reports and sample grids to TensorBoard, MLflow or W&B (tessera.training.tracking).
 
 Seeds: every micro-batch reseeds torch from (seed, step, micro-batch, rank), so a resumed run draws
 what the uninterrupted one would have (Gumbel noise, caption dropout) without checkpointing RNG state.
@@ -36,8 +37,8 @@ import torch
 
 from tessera.parallel import dist
 from tessera.parallel.deepspeed_config import build_deepspeed_config
-from tessera.training import schedules
-from tessera.training.checkpoint import CHECKPOINT_TAG, load_ema, load_state, save_checkpoint
+from tessera.training import schedules, tracking
+from tessera.training.checkpoint import load_ema, load_engine_state, load_state, save_checkpoint
 from tessera.training.ema import ParameterEMA
 
 
@@ -188,6 +189,7 @@ class Stage:
         join_process_group(t.use_gpu)
         import deepspeed
 
+        self.io = tracking.track(self.io, self.cfg, self.section)  # rank 0: reports and grids to cfg.tracking
         self.start()
         torch.manual_seed(t.seed)
         model = self.build_model()
@@ -201,7 +203,7 @@ class Stage:
         step = 0
         resume = self.io.latest_checkpoint()
         if resume:
-            engine.load_checkpoint(resume, tag=CHECKPOINT_TAG)
+            load_engine_state(engine, resume)
             state = load_state(resume)
             step = state["step"]
             load_ema(self.ema, resume)
@@ -253,6 +255,7 @@ class Stage:
                         self.io.report(last, None)
             epoch += 1
         self.close()
+        tracking.finish(self.io)
         return last
 
     def rank_files(self) -> dict[str, bytes]:

@@ -15,19 +15,21 @@ LINE = (40, 90, 200)
 
 def sample_grid_png(rows: list[dict], *, scale: int = 4, title: str = "") -> bytes:
     """One row per caption: its text, then its candidates in the reranker's order (best first),
-    each upscaled ×scale (nearest), framed green when the classifier reads the caption in it and
-    red when not, labelled "#rank c<candidate> <score>" (c0 is the image without reranking).
+    each upscaled ×scale (nearest), labelled "#rank c<candidate> <score>" (c0 is the image without
+    reranking) and, where a classifier scored them, framed green when it reads the caption in the
+    image and red when not.
 
     rows: [{"caption": str, "images": [uint8 (S, S, 3)], "candidates": [int], "scores": [float | None],
-    "correct": [bool]}], images in rank order."""
+    "correct": [bool] | None}], images in rank order."""
     grid = [GridRow(images=r["images"], caption=r["caption"],
                     tags=[f"#{k} c{c}" + (f" {s:.2f}" if s is not None else "")
                           for k, (c, s) in enumerate(zip(r["candidates"], r["scores"], strict=True))],
-                    frames=[GOOD if ok else BAD for ok in r["correct"]]) for r in rows]
-    return grid_png(grid, scale=scale, title=title, min_width=420,
-                    subtitle=("best first; green frame: the classifier reads the caption in it; "
-                              "c0: no reranking")
-                    if title else "")
+                    frames=None if r.get("correct") is None else [GOOD if ok else BAD for ok in r["correct"]])
+            for r in rows]
+    scored = any(r.get("correct") is not None for r in rows)
+    subtitle = ("best first; " + ("green frame: the classifier reads the caption in it; " if scored else "")
+                + "c0: no reranking")
+    return grid_png(grid, scale=scale, title=title, min_width=420, subtitle=subtitle if title else "")
 
 
 def _series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -107,11 +109,46 @@ def markdown(report: dict) -> str:
               f"temperature {report['settings']['temperature']}, "
               f"top-k {report['settings']['top_k']}, guidance {report['settings']['guidance_scale']}, "
               f"seed {report['settings']['seed']}.",
-              f"Created {report['created']} in {report['wall_time_s']:.0f} s.", "",
-              "## Caption accuracy (attribute classifier)", "",
-              "| split | captions | reranking | caption | colour | shape | size | layout | count | "
-              "1 obj | 2 obj | 3 obj |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"Created {report['created']} in {report['wall_time_s']:.0f} s."]
+    if report.get("classifier"):
+        lines += _accuracy(report)
+    d, p = report.get("dvae") or {}, report.get("prior") or {}
+    lines += ["", "## Models", "", "| figure | value |", "|---|---:|"]
+    if d.get("psnr_db") is not None:
+        lines += [f"| dVAE reconstruction PSNR ({d['images']} val images) | {_num(d['psnr_db'], ' dB', 2)} |",
+                  f"| dVAE codebook use (of K = {d['codebook_size']}) | {_pct(d['codebook_usage'])} |",
+                  f"| dVAE codebook perplexity | {_num(d['perplexity'], '', 1)} |"]
+    if p.get("val_image_loss") is not None:
+        lines += [f"| prior val image loss, nats/token ({p.get('rows', '?')} rows, {p['source']}) | "
+                  f"{_num(p['val_image_loss'])} |"]
+        if p.get("val_image_bits_per_token") is not None:
+            lines.append(f"| the same in bits per image token | {_num(p['val_image_bits_per_token'])} |")
+        if p.get("val_image_loss_uncond") is not None:
+            lines.append(f"| prior val image loss without captions | {_num(p['val_image_loss_uncond'])} |")
+    for note in report.get("notes", []):
+        lines.append(f"\n_{note}_")
+    g = report.get("generation") or {}
+    if g:
+        lines += ["", f"Generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']:.1f}/s) "
+                  f"on {report['settings']['num_actors']} actor(s)."]
+    files = report.get("files", {})
+    if files.get("grids"):
+        lines += ["", "## Samples", ""] + [f"![{name}]({name})" for name in files["grids"]]
+    if files.get("curves"):
+        lines += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in files["curves"]]
+    missing = [s for s, v in (report.get("curves") or {}).items() if v.get("missing")]
+    if missing:
+        lines.append(f"\nNo history.json for: {', '.join(missing)} "
+                     "(stage not run, or trained before curves were recorded).")
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy(report: dict) -> list[str]:
+    """report.md's shapes sections: caption accuracy by the attribute classifier, and its ceiling."""
+    lines = ["", "## Caption accuracy (attribute classifier)", "",
+             "| split | captions | reranking | caption | colour | shape | size | layout | count | "
+             "1 obj | 2 obj | 3 obj |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for split, s in report["splits"].items():
         for mode, label in (("without_reranking", "no (candidate 0)"), ("with_reranking", "yes (best of M)")):
             m = s.get(mode)
@@ -146,30 +183,4 @@ def markdown(report: dict) -> str:
                "reconstructs them "
                "(so it also reads that decoder's colours and edges)") if mix else ""
     lines.append(f"Trained on renders of every colour/shape pair{through}.")
-    d, p = report.get("dvae") or {}, report.get("prior") or {}
-    lines += ["", "## Models", "", "| figure | value |", "|---|---:|"]
-    if d.get("psnr_db") is not None:
-        lines += [f"| dVAE reconstruction PSNR ({d['images']} val images) | {_num(d['psnr_db'], ' dB', 2)} |",
-                  f"| dVAE codebook use (of K = {d['codebook_size']}) | {_pct(d['codebook_usage'])} |",
-                  f"| dVAE codebook perplexity | {_num(d['perplexity'], '', 1)} |"]
-    if p.get("val_image_loss") is not None:
-        lines += [f"| prior val image loss, nats/token ({p.get('rows', '?')} rows, {p['source']}) | "
-                  f"{_num(p['val_image_loss'])} |"]
-        if p.get("val_image_loss_uncond") is not None:
-            lines.append(f"| prior val image loss without captions | {_num(p['val_image_loss_uncond'])} |")
-    for note in report.get("notes", []):
-        lines.append(f"\n_{note}_")
-    g = report.get("generation") or {}
-    if g:
-        lines += ["", f"Generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']:.1f}/s) "
-                  f"on {report['settings']['num_actors']} actor(s)."]
-    files = report.get("files", {})
-    if files.get("grids"):
-        lines += ["", "## Samples", ""] + [f"![{name}]({name})" for name in files["grids"]]
-    if files.get("curves"):
-        lines += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in files["curves"]]
-    missing = [s for s, v in (report.get("curves") or {}).items() if v.get("missing")]
-    if missing:
-        lines.append(f"\nNo history.json for: {', '.join(missing)} "
-                     "(stage not run, or trained before curves were recorded).")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -1,13 +1,17 @@
-"""The evaluate job's work: how well a bundle draws what the shapes captions say.
+"""The evaluate job's work: what a bundle draws for the prepared val captions, and, on the
+shapes data, how well it draws what they say.
 
-    prepared val / held-out splits (first N each: caption + ground-truth attributes + image)
-    ─▶ attribute classifier (reused from {run}/eval/classifier when its spec matches, else trained)
+    prepared val (and, for shapes, held-out) splits: first N each, caption + image
+    (+ ground-truth attributes for shapes)
     ─▶ M candidates per caption on Ray Data (tessera.inference.batch_generate), ranked by the reranker
-    ─▶ classifier labels per candidate ─▶ caption / attribute accuracy without reranking
-       (candidate 0) and with it (the reranker's best), per split and object count
-    ─▶ dVAE reconstruction PSNR, codebook use, classifier on reconstructions (its ceiling);
-       prior image loss on val images encoded by the bundle's own dVAE; training curves
-    ─▶ grids + curves PNGs, report.md, report.json (last: its presence marks a finished evaluation)
+    ─▶ any data: dVAE reconstruction PSNR and codebook use; prior image loss (nats and bits per
+       image token) on val images encoded by the bundle's own dVAE; sample grids; training curves
+    ─▶ shapes data only (the classifier knows nothing else): the attribute classifier (reused from
+       {run}/eval/classifier when its spec matches, else trained) reads every candidate: caption /
+       attribute accuracy without reranking (candidate 0) and with it (the reranker's best), per
+       split and object count; and the reconstructions (its ceiling)
+    ─▶ grids + curves PNGs, report.md, report.json (last: its presence marks a finished evaluation);
+       the figures also go into the run's own bundle's model card (README.md)
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tessera import published, storage
+from tessera import model_card, published, storage
 from tessera.data import shapes
 from tessera.inference.evaluation import report as draw
 from tessera.inference.evaluation.classifier import ensure_classifier
@@ -56,9 +61,11 @@ class Split:
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
 
-def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=None) -> Split:
-    """The first `limit` usable samples of a prepared split, in shard order; ground truth from each
-    sample's JSON attributes (checked against its caption), bad samples skipped and counted."""
+def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=None, *,
+               attributes: bool = True) -> Split:
+    """The first `limit` usable samples of a prepared split, in shard order, bad ones skipped and
+    counted. With `attributes` (shapes data) the ground truth comes from each sample's JSON
+    attributes, checked against its caption; without, `labels` stays empty."""
     from PIL import Image
 
     from tessera.data.loader import shard_uris
@@ -74,17 +81,19 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
                 out.skipped["missing_field"] += 1
                 continue
             caption = s.files["txt"].decode("utf-8", errors="replace").strip()
-            try:
-                scene = canonical_scene(json.loads(s.files["json"])["attributes"])
-            except (KeyError, TypeError, ValueError):
-                out.skipped["bad_attributes"] += 1
-                continue
-            try:
-                if parse_caption(caption) != scene:
-                    raise ValueError
-            except ValueError:
-                out.skipped["caption_mismatch"] += 1
-                continue
+            scene = None
+            if attributes:
+                try:
+                    scene = canonical_scene(json.loads(s.files["json"])["attributes"])
+                except (KeyError, TypeError, ValueError):
+                    out.skipped["bad_attributes"] += 1
+                    continue
+                try:
+                    if parse_caption(caption) != scene:
+                        raise ValueError
+                except ValueError:
+                    out.skipped["caption_mismatch"] += 1
+                    continue
             try:
                 with Image.open(io.BytesIO(s.files[ext])) as im:
                     image = np.asarray(im.convert("RGB"))
@@ -92,7 +101,8 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
                 out.skipped["undecodable_image"] += 1
                 continue
             out.captions.append(caption)
-            out.labels.append(scene.labels())
+            if scene is not None:
+                out.labels.append(scene.labels())
             out.images.append(image)
             if len(out.captions) >= limit:
                 return out
@@ -101,27 +111,28 @@ def read_split(data_uri: str, manifest: dict, split: str, limit: int, options=No
 
 @torch.no_grad()
 def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray],
-                 classifier) -> tuple[dict, torch.Tensor]:
-    """PSNR of decode(encode(x)), codebook use, and the classifier on the reconstructions; also
-    the tokens (B, G, G) for the prior's loss."""
+                 classifier=None) -> tuple[dict, torch.Tensor]:
+    """PSNR of decode(encode(x)), codebook use, and the classifier (if any) on the
+    reconstructions; also the tokens (B, G, G) for the prior's loss."""
     from tessera.models.dvae import codebook_usage, psnr, to_model_input, to_pixels
 
     x = to_model_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
     tokens = torch.cat([dvae.encode(x[s:s + 256]) for s in range(0, len(x), 256)])
     recon = torch.cat([dvae.decode(tokens[s:s + 256]) for s in range(0, len(x), 256)])
     perplexity, used = codebook_usage(tokens, dvae.shape.num_tokens)
-    recon_u8 = to_pixels(recon)
-    acc = score_labels(classifier.predict(recon_u8), np.stack(labels))
-    return {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3),
-            "codebook_size": dvae.shape.num_tokens,
-            "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2),
-            "classifier_on_reconstructions": acc}, tokens
+    figures = {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3),
+               "codebook_size": dvae.shape.num_tokens,
+               "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2)}
+    if classifier is not None:
+        figures["classifier_on_reconstructions"] = score_labels(classifier.predict(to_pixels(recon)),
+                                                                np.stack(labels))
+    return figures, tokens
 
 
 @torch.no_grad()
 def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: int = 64) -> dict:
-    """Image loss per token (nats) of the bundle's prior on val images as its own dVAE encodes
-    them, with their captions and with the captions dropped."""
+    """Image loss per token of the bundle's prior on val images as its own dVAE encodes them, with
+    their captions and with the captions dropped: nats, and bits (nats / ln 2) per image token."""
     prior = bundle.prior
     ids, mask = bundle.tokenizer.encode(captions, text_len=prior.shape.text_len)
     ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask)
@@ -133,7 +144,9 @@ def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: i
         sums["val_image_loss_uncond"] += float(prior(ids[sl], torch.zeros_like(mask[sl]),
                                                      image[sl])["image_loss"]) * k
     return {"rows": len(ids), "source": "val images encoded by the bundle's dVAE",
-            **{k: round(v / len(ids), 4) for k, v in sums.items()}}
+            **{k: round(v / len(ids), 4) for k, v in sums.items()},
+            **{k.replace("_loss", "_bits_per_token"): round(v / len(ids) / math.log(2), 4)
+               for k, v in sums.items()}}
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -143,9 +156,9 @@ def _decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def score_generations(split: Split, rows: list[dict], classifier, candidates: int,
-                      held_out: set) -> tuple[dict, dict]:
-    """(figures, per-caption arrays) for one split's generated rows (one per candidate)."""
+def collect_generations(split: Split, rows: list[dict], candidates: int) -> dict:
+    """One split's generated rows (one per candidate) as per-caption arrays: images
+    (N, M, S, S, 3) uint8, ranks and reranker scores (N, M); `correct` is left to a scorer."""
     n, m = len(split.captions), candidates
     images = np.zeros((n, m, *_decode_png(rows[0]["png"]).shape), np.uint8) if rows else None
     ranks = np.tile(np.arange(m), (n, 1))
@@ -154,6 +167,15 @@ def score_generations(split: Split, rows: list[dict], classifier, candidates: in
         i, j = r["index"], r["candidate"]
         images[i, j], ranks[i, j] = _decode_png(r["png"]), r["rank"]
         scores[i, j] = np.nan if r["score"] is None else r["score"]
+    return {"images": images, "ranks": ranks, "scores": scores, "correct": None}
+
+
+def score_generations(split: Split, arrays: dict, classifier, held_out: set) -> dict:
+    """The attribute classifier's figures for one split's candidates (shapes data); also sets
+    arrays["correct"] (N, M): whether it reads the caption in each."""
+    images = arrays["images"]
+    n, m = images.shape[:2]
+    ranks = arrays["ranks"]
     target = np.stack(split.labels)  # (N, NUM_LABELS)
     predicted = classifier.predict(images.reshape(n * m, *images.shape[2:])).reshape(n, m, -1)
     correct = caption_correct(predicted.reshape(n * m, -1), np.repeat(target, m, axis=0)).reshape(n, m)
@@ -166,7 +188,8 @@ def score_generations(split: Split, rows: list[dict], classifier, candidates: in
         novel = pair_accuracy(first, target, held_out)
         novel["colour_and_shape_reranked"] = pair_accuracy(picked, target, held_out)["colour_and_shape"]
         figures["novel_pairs"] = novel
-    return figures, {"images": images, "ranks": ranks, "scores": scores, "correct": correct}
+    arrays["correct"] = correct
+    return figures
 
 
 def grid_rows(split: Split, arrays: dict, k: int) -> list[dict]:
@@ -175,7 +198,8 @@ def grid_rows(split: Split, arrays: dict, k: int) -> list[dict]:
         order = np.argsort(arrays["ranks"][i], kind="stable")
         out.append({"caption": split.captions[i], "images": [arrays["images"][i, j] for j in order],
                     "candidates": [int(j) for j in order],
-                    "correct": [bool(arrays["correct"][i, j]) for j in order],
+                    "correct": None if arrays["correct"] is None
+                    else [bool(arrays["correct"][i, j]) for j in order],
                     "scores": [None if np.isnan(arrays["scores"][i, j]) else float(arrays["scores"][i, j])
                                for j in order]})
     return out
@@ -193,9 +217,8 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     uri, out_uri = bundle or cfg.paths.eval_bundle, cfg.paths.eval
     b = load_bundle(uri, options=opts)
     data = load_manifest(cfg.paths.data, opts)
-    if data["source"]["kind"] != "shapes":
-        raise ValueError(f"{cfg.paths.data}: evaluation scores shapes captions; this dataset's source is "
-                         f"{data['source']['kind']!r}")
+    # The attribute classifier only reads shapes scenes; other data gets every other figure.
+    is_shapes = data["source"]["kind"] == "shapes"
     held_out = {tuple(p.split()) for p in (data.get("shapes") or {}).get("held_out", [])}
     storage.require_writable(out_uri, opts)
     if storage.exists(storage.join(out_uri, REPORT), opts):  # a rerun is unfinished until its report is back
@@ -205,26 +228,16 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         torch.set_num_threads(e.classifier.threads)
 
     splits = {"val": read_split(cfg.paths.data, data, "val",
-                                max(e.num_captions, e.recon_images, e.prior_val_rows), opts),
-              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts)
-              if "heldout" in data["splits"]
-              else Split("heldout")}
+                                max(e.num_captions, e.recon_images, e.prior_val_rows), opts,
+                                attributes=is_shapes),
+              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts,
+                                    attributes=is_shapes)
+              if "heldout" in data["splits"] else Split("heldout")}
     log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions),
              len(splits["heldout"].captions),
              cfg.paths.data)
 
-    t0 = time.time()
-    dvae_digest = b.manifest["files"].get("dvae.safetensors", {}).get("sha256", "")
-    # Scenes like the prepared data's: its shapes config says how many objects an image holds.
-    max_objects = int(((data.get("config") or {}).get("data") or {}).get("source", {}).get("shapes", {})
-                      .get("max_objects") or shapes.MAX_OBJECTS)
-    c = e.classifier.model_copy(update={"image_size": e.classifier.image_size or b.resolution,
-                                        "max_objects": e.classifier.max_objects or max_objects})
-    classifier, cmeta, trained = ensure_classifier(c, cfg.paths.classifier, options=opts, retrain=c.retrain,
-                                                   dvae=b.dvae, dvae_sha256=dvae_digest)
-    log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders",
-             "trained" if trained else "reused",
-             time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
+    classifier, cmeta, trained = _shapes_classifier(cfg, b, data, opts) if is_shapes else (None, None, False)
 
     val = splits["val"]
     recon = val.images[: e.recon_images]
@@ -261,15 +274,22 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
                                "has_reranker": b.reranker is not None,
                                "steps": {p: m.get("step") for p, m in b.manifest["parts"].items()}},
                     "data": {"uri": cfg.paths.data, "generation": data["generation"],
+                             "source": data["source"]["kind"],
                              "held_out": sorted(" ".join(p) for p in held_out)},
                     "settings": _settings(e), "splits": {}, "notes": []}
     if b.reranker is None and e.candidates > 1:
         report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
+    if classifier is None:
+        report["notes"].append(f"The data's source is {data['source']['kind']!r}, not shapes: no caption "
+                               "accuracy (the attribute classifier reads only shapes scenes).")
     files: dict[str, list[str]] = {"grids": [], "curves": []}
     for name, split in splits.items():
         if not split.captions:
             continue
-        figures, arrays = score_generations(split, by_split[name], classifier, e.candidates, held_out)
+        arrays = collect_generations(split, by_split[name], e.candidates)
+        figures = {"captions": len(split.captions)}
+        if classifier is not None:
+            figures = score_generations(split, arrays, classifier, held_out)
         figures["skipped"] = split.skipped
         report["splits"][name] = figures
         if e.grid_captions:
@@ -290,16 +310,15 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
         files["curves"].append(f"curves_{stage}.png")
         report["curves"][stage] = {"reports": len(rows_), "last": rows_[-1]}
 
-    report["classifier"] = {"uri": cfg.paths.classifier, "trained_now": trained, "spec": cmeta["spec"],
-                            "train_seconds": cmeta.get("train_seconds"),
-                            "real": cmeta["accuracy"]["real"]["caption_accuracy"],
-                            "real_2x": cmeta["accuracy"]["real_2x"]["caption_accuracy"],
-                            "val_real": score_labels(classifier.predict(np.stack(val.images)),
-                                                     np.stack(val.labels))["caption_accuracy"]
-                            if val.images else None,
-                            "val_reconstruction": (dvae.get("classifier_on_reconstructions")
-                                                   or {}).get("caption_accuracy"),
-                            "renders": cmeta["accuracy"]}
+    report["classifier"] = None if classifier is None else {
+        "uri": cfg.paths.classifier, "trained_now": trained, "spec": cmeta["spec"],
+        "train_seconds": cmeta.get("train_seconds"),
+        "real": cmeta["accuracy"]["real"]["caption_accuracy"],
+        "real_2x": cmeta["accuracy"]["real_2x"]["caption_accuracy"],
+        "val_real": score_labels(classifier.predict(np.stack(val.images)),
+                                 np.stack(val.labels))["caption_accuracy"] if val.images else None,
+        "val_reconstruction": (dvae.get("classifier_on_reconstructions") or {}).get("caption_accuracy"),
+        "renders": cmeta["accuracy"]}
     report["dvae"], report["prior"] = dvae, prior
     n_images = len(rows)
     report["generation"] = {"images": n_images, "seconds": round(gen_seconds, 1),
@@ -308,7 +327,27 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     report["wall_time_s"] = round(time.time() - started, 1)
     storage.write_text(storage.join(out_uri, "report.md"), draw.markdown(report), opts)
     storage.write_json(storage.join(out_uri, REPORT), report, opts)
+    if storage.absolute(uri).rstrip("/") == storage.absolute(cfg.paths.bundle).rstrip("/"):
+        # Only the run's own bundle: one evaluated from elsewhere may not be ours to write to.
+        model_card.add_evaluation(uri, report, storage.join(out_uri, REPORT), options=opts)
     return report
+
+
+def _shapes_classifier(cfg, b, data: dict, opts):
+    """(classifier, its metadata, trained now?) for the shapes captions, sized like the data."""
+    t0, c = time.time(), cfg.evaluate.classifier
+    dvae_digest = b.manifest["files"].get("dvae.safetensors", {}).get("sha256", "")
+    # Scenes like the prepared data's: its shapes config says how many objects an image holds.
+    max_objects = int(((data.get("config") or {}).get("data") or {}).get("source", {}).get("shapes", {})
+                      .get("max_objects") or shapes.MAX_OBJECTS)
+    c = c.model_copy(update={"image_size": c.image_size or b.resolution,
+                             "max_objects": c.max_objects or max_objects})
+    classifier, cmeta, trained = ensure_classifier(c, cfg.paths.classifier, options=opts, retrain=c.retrain,
+                                                   dvae=b.dvae, dvae_sha256=dvae_digest)
+    log.info("classifier %s (%.0f s): caption accuracy %.2f%% on fresh renders",
+             "trained" if trained else "reused",
+             time.time() - t0, 100 * cmeta["accuracy"]["real"]["caption_accuracy"])
+    return classifier, cmeta, trained
 
 
 def _settings(e) -> dict:
@@ -349,6 +388,9 @@ def summarize(report: dict) -> str:
     lines = [f"evaluation of {report['bundle']['name']} ({report['bundle']['uri']}) "
              f"in {report['wall_time_s']:.0f} s"]
     for name, s in report["splits"].items():
+        if "with_reranking" not in s:  # not shapes data: nothing read the images back
+            lines.append(f"  {name:8s} {s['captions']:4d} captions drawn (sample grids; no caption accuracy)")
+            continue
         wo, w = s["without_reranking"], s["with_reranking"]
         lines.append(f"  {name:8s} {s['captions']:4d} captions: caption accuracy "
                      f"{pct(wo['caption_accuracy'])} without reranking, "
@@ -361,14 +403,16 @@ def summarize(report: dict) -> str:
                          f"({pct(s['novel_pairs']['colour_and_shape_reranked'])} reranked) "
                          f"of {s['novel_pairs']['n']}")
     c, d, p = report["classifier"], report["dvae"], report["prior"]
-    lines.append(f"  classifier: {pct(c['real'])} on fresh renders, {pct(c['val_real'])} on val images, "
-                 f"{pct(c['val_reconstruction'])} on their dVAE reconstructions (the ceiling)")
+    if c:
+        lines.append(f"  classifier: {pct(c['real'])} on fresh renders, {pct(c['val_real'])} on val images, "
+                     f"{pct(c['val_reconstruction'])} on their dVAE reconstructions (the ceiling)")
     if d:
         lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR, {pct(d['codebook_usage'])} of "
                      f"{d['codebook_size']} codes used")
     if p:
         lines.append(f"  prior: val image loss {p['val_image_loss']:.3f} nats/token "
-                     f"({p['val_image_loss_uncond']:.3f} without captions)")
+                     f"({p['val_image_bits_per_token']:.3f} bits; {p['val_image_loss_uncond']:.3f} nats "
+                     "without captions)")
     g = report["generation"]
     lines.append(f"  generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']}/s)")
     return "\n".join(lines)
