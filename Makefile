@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-compression bench-serve lint docs clean lock
+.PHONY: setup demo demo-emoji test test-all bench bench-compression bench-serve lint docs clean lock
 
 setup: $(STAMP)
 
@@ -30,12 +30,24 @@ DEMO_SERVE ?= 1
 
 # Every stage on the debug preset into runs/demo (a rerun skips finished stages), then serve the
 # bundle on 127.0.0.1:8000 until Ctrl-C; DEMO_SERVE=0 stops after the evaluation report.
+# `python -m serve` is `serve run` on a Ray of its own on 127.0.0.1 with Ray's token auth, as
+# every job's Ray is (tessera.cluster.local_ray_env; the token: ~/.ray/auth_token, mode 0600).
 demo: setup
 	$(PY) jobs/pipeline.py $(DEMO)
 ifneq ($(DEMO_SERVE),0)
 	@echo "serving runs/demo/bundle (serve/config.yaml): web page http://127.0.0.1:8000/ ," \
 	      "API http://127.0.0.1:8000/v1/images/generations ; Ctrl-C stops it"
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/serve run serve/config.yaml
+	$(PY) -m serve serve/config.yaml
+endif
+
+# Every stage on real images and captions, the Noto emoji (jobs/configs/emoji.yaml), into runs/demo-emoji
+# (its first prepare fetches the npm package, npm needed once, into runs/emoji-source; a rerun skips
+# finished stages), then serve that bundle as `make demo` does; DEMO_SERVE=0 stops after the report.
+demo-emoji: setup
+	$(PY) jobs/pipeline.py --config jobs/configs/emoji.yaml --set run.root_uri=runs/demo-emoji
+ifneq ($(DEMO_SERVE),0)
+	@echo "serving runs/demo-emoji/bundle: web page http://127.0.0.1:8000/ ; Ctrl-C stops it"
+	$(PY) -m serve serve.app:build_app bundle=runs/demo-emoji/bundle
 endif
 
 test: setup

@@ -50,7 +50,10 @@ def check_prepared(data_uri: str, manifest: dict, good: set[str], expected: dict
     for _, files in out["train"]:
         meta = json.loads(files["json"])
         assert set(files) == {"png", "txt", "json"} and meta["original_size"][0] > 0
-    tok = CaptionTokenizer.from_json(storage.read_bytes(storage.join(data_uri, "tokenizer.json")).decode())
+    # The tokenizer lives in the generation, beside its shards.
+    assert manifest["tokenizer"]["path"] == f"{manifest['generation']}/tokenizer.json"
+    tok_json = storage.read_bytes(storage.join(data_uri, manifest["tokenizer"]["path"])).decode()
+    tok = CaptionTokenizer.from_json(tok_json)
     ids, mask = tok.encode(["A Photo of Thing number 7"], text_len=16)
     assert tok.decode(ids, mask) == ["a photo of thing number 7"]  # lowercased, lossless
     assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size
@@ -75,7 +78,8 @@ def test_webdataset_bad_samples_from_local_files(ray_cluster, tmp_path):
     again = run_prepare(cfg)
     assert again["generation"] == manifest["generation"]
 
-    # Re-preparing replaces it whole: the old generation stays until the new manifest is written.
+    # Re-preparing replaces it whole: the old generation stays until the new manifest is written
+    # (and then until the next publish, for jobs still reading it).
     def shard_bytes(m):
         return [storage.read_bytes(str(tmp_path / "out" / s["path"])) for s in m["splits"]["train"]["shards"]]
 
@@ -84,7 +88,8 @@ def test_webdataset_bad_samples_from_local_files(ray_cluster, tmp_path):
     newer = run_prepare(cfg2)
     assert newer["generation"] != manifest["generation"]
     gens = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("gen-"))
-    assert gens == [newer["generation"]]
+    assert gens == sorted([manifest["generation"], newer["generation"]])
+    assert newer["previous_generation"] == manifest["generation"]
     # Same inputs, same rules -> byte-identical shards (order does not depend on task timing).
     assert shard_bytes(newer) == old_bytes
 
@@ -97,7 +102,7 @@ def test_webdataset_bad_samples_from_s3(ray_cluster, tmp_path, bucket, s3_client
     check_prepared(out, manifest, good, expected, per_shard=7)
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="prepared/")["Contents"]
     names = {o["Key"] for o in listed}
-    assert "prepared/manifest.json" in names and "prepared/tokenizer.json" in names
+    assert "prepared/manifest.json" in names and f"prepared/{manifest['tokenizer']['path']}" in names
     assert not any(".tmp" in n for n in names)
 
 
@@ -385,3 +390,59 @@ def test_a_killed_driver_then_a_rerun_reads_only_the_unfinished_inputs(ray_clust
     manifest = run_prepare(load_config("debug", sets))
     assert manifest["generation"] == gen.name and manifest["kept_samples"] == 50
     assert (manifest["work"]["reused_units"], manifest["work"]["processed_units"]) == (4, 1)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_republishing_keeps_the_generation_it_replaces_until_the_next_publish(ray_cluster, tmp_path,
+                                                                              monkeypatch):
+    """A job still reading the previous dataset keeps its shards and tokenizer through one more
+    publish; a re-prepare that fails before its manifest leaves the published tokenizer as that
+    manifest's sha256 says (it is written inside the new generation, not over the old one)."""
+    from tessera import published
+
+    def cfg(vocab: int):
+        return load_config("debug", [f"run.root_uri={tmp_path}", "data.source.shapes.num_samples=120",
+                                     "data.source.shapes.num_heldout=0", "data.source.shapes.held_out=[]",
+                                     "data.resolution=32", "data.source.shapes.image_size=32",
+                                     "data.samples_per_shard=64", "data.overwrite=true",
+                                     f"tokenizer.vocab_size={vocab}", "tokenizer.min_frequency=1"])
+
+    data = cfg(300).paths.data
+
+    def intact(m: dict) -> bool:
+        """Every file `m` names is there, and its tokenizer is the one it describes."""
+        tok = storage.read_bytes(storage.join(data, m["tokenizer"]["path"]))
+        shards = [s["path"] for split in m["splits"].values() for s in split["shards"]]
+        return _sha256(tok) == m["tokenizer"]["sha256"] and all(storage.exists(storage.join(data, p))
+                                                                 for p in shards)
+
+    def generations() -> set[str]:
+        return set(published.generation_names(data))
+
+    first = run_prepare(cfg(300))
+    second = run_prepare(cfg(280))
+    assert second["previous_generation"] == first["generation"] != second["generation"]
+    assert generations() == {first["generation"], second["generation"]}
+    assert intact(first) and intact(second)
+
+    def manifest_write_fails(*args, **kwargs):
+        raise storage.StorageError("manifest.json: write failed (injected)")
+
+    monkeypatch.setattr(published, "publish", manifest_write_fails)
+    with pytest.raises(storage.StorageError, match="injected"):
+        run_prepare(cfg(270))  # its tokenizer was written, its manifest was not
+    monkeypatch.undo()
+    assert published.existing(data) == second and intact(second) and intact(first)
+    [failed] = generations() - {first["generation"], second["generation"]}
+
+    third = run_prepare(cfg(270))  # resumes the failed run's generation (never a retained one)
+    assert third["generation"] == failed and third["work"]["reused_units"] == third["work"]["units"]
+    assert third["previous_generation"] == second["generation"]
+    assert generations() == {second["generation"], third["generation"]}  # the first is gone now
+    assert len({m["tokenizer"]["sha256"] for m in (first, second, third)}) == 3  # three tokenizers
+    assert intact(second) and intact(third)

@@ -86,22 +86,77 @@ class ShapesConfig(Section):
         return self
 
 
+class EmojiConfig(Section):
+    """The built-in real data (source.kind: emoji): Google's Noto emoji images (Apache-2.0), 64 px,
+    captioned with their lower-cased Unicode names, from the npm package emoji-datasource-google.
+    prepare first writes them to source.uri as WebDataset shards (skipped when that package's shards
+    are already there: source.json there records its checksum), then reads them as a webdataset source."""
+
+    # name@X.Y.Z, an exact version: npm never changes a published one, so it names one checksum.
+    package: str = "emoji-datasource-google@16.0.0"
+    # The package tarball, already fetched (a local path, s3:// or gs://); None: `npm pack` (needs npm).
+    tarball_uri: Uri | None = None
+    # The skin-tone variants as images of their own ("thumbs up sign: medium skin tone").
+    skin_tones: bool = True
+    samples_per_shard: int = Field(1_000, ge=1)  # images per shard it writes
+
+    @model_validator(mode="after")
+    def _exact_version(self) -> EmojiConfig:
+        name, _, version = self.package.rpartition("@")
+        parts = version.split(".")
+        if not name.strip("@") or len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"package: {self.package!r} must name an exact version, "
+                             "like emoji-datasource-google@16.0.0")
+        return self
+
+
 class SourceConfig(Section):
-    kind: Literal["shapes", "webdataset", "parquet"] = "shapes"
-    # A prefix/folder of shards, one shard, or several separated by commas.
+    # files: loose {key}.jpg|png|webp + {key}.txt (+ {key}.json) files, img2dataset's `files` layout;
+    # emoji: the built-in Noto emoji (source.emoji).
+    kind: Literal["shapes", "webdataset", "parquet", "files", "emoji"] = "shapes"
+    # A prefix/folder of shards (of loose files for kind files), one shard, or several separated by
+    # commas; kind emoji: where its shards are written.
     uri: Uri | None = None
     # Parquet (LAION / img2dataset layout) column names.
     image_column: str = "jpg"
     caption_column: str = "caption"
     key_column: str | None = "key"
     shapes: ShapesConfig = Field(default_factory=ShapesConfig)
+    emoji: EmojiConfig = Field(default_factory=EmojiConfig)
 
     @model_validator(mode="after")
     def _uri_for_files(self) -> SourceConfig:
         if self.kind != "shapes" and not self.uri:
-            raise ValueError(f"source.kind={self.kind!r} needs source.uri "
-                             "(a folder or bucket prefix of shards)")
+            what = ("the folder or bucket prefix its shards are written to" if self.kind == "emoji"
+                    else "a folder or bucket prefix of its files")
+            raise ValueError(f"source.kind={self.kind!r} needs source.uri ({what})")
         return self
+
+
+class HeldoutConfig(Section):
+    """Samples of any source kept out of train and val and published as the held-out split, as
+    the shapes source's novel colour/shape pairs are, so a model is evaluated on captions its prior
+    never saw. The ways combine: a sample is held out when any of them names it. Captions match
+    case- and whitespace-insensitively (the tokenizer lowercases: the prior could not tell them apart)."""
+
+    captions: list[str] = []  # every sample with one of these captions
+    keys: list[str] = []  # these samples only (others with the same caption stay)
+    # A .txt file (a caption per line) or .jsonl ({"caption": ...} or {"key": ...} per line).
+    uri: Uri | None = None
+    # This share of the distinct captions, each chosen by a hash of (seed, caption): stable across
+    # reruns and as the dataset grows; every sample of a chosen caption is held out.
+    fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0  # of the fraction's hash
+
+    @model_validator(mode="after")
+    def _file_kind(self) -> HeldoutConfig:
+        if self.uri and not self.uri.lower().endswith((".txt", ".jsonl")):
+            raise ValueError(f"uri: {self.uri} must be a .txt (a caption per line) or .jsonl file")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.captions or self.keys or self.uri or self.fraction)
 
 
 class DataConfig(Section):
@@ -130,6 +185,7 @@ class DataConfig(Section):
     # stops, and a rerun resumes: input files already finished are not read again.
     task_retries: int = Field(3, ge=0)
     overwrite: bool = False
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
 
     @model_validator(mode="after")
     def _caption_bounds(self) -> DataConfig:

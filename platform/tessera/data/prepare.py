@@ -14,9 +14,10 @@ dies part-way and is run again with the same inputs and data settings resumes in
 unpublished generation and reads only the inputs without a marker. Parts, drops and shuffle files
 are the shards' raw material; they are deleted once the manifest is written.
 
-A dataset is published by its manifest. Shards of one run live in their own generation folder,
-so re-preparing into the same URI never touches the dataset a manifest already points to until
-the new manifest replaces it.
+A dataset is published by its manifest. Shards and tokenizer of one run live in their own
+generation folder, so re-preparing into the same URI never touches the dataset a manifest already
+points to; once the new manifest replaces it, the old generation stays until the next publish
+(tessera.published), so jobs still reading it can finish.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 from tessera import published, storage
 from tessera.config import ConfigError, TesseraConfig
 from tessera.data import plan, preprocess, sources
+from tessera.data.heldout import HeldOut
 from tessera.data.tar import write_tar
 from tessera.data.tokenizer import train_tokenizer
 
@@ -47,7 +49,8 @@ MANIFEST_KIND = "tessera.prepared_dataset"
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val", "heldout")
 FILE_LEVEL_REASONS = ("truncated_shard", "unreadable_file")
-_SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet", ".pq")}
+_SUFFIXES = {"webdataset": (".tar",), "emoji": (".tar",), "parquet": (".parquet", ".pq"),
+             "files": sources.LOOSE_SUFFIXES}
 RUN_SPEC = "prepare.json"  # in a generation folder: what it is being prepared from
 PARTS_FORMAT = 1  # bump when the part files change, so an old unfinished generation is not resumed
 SHAPES_PER_UNIT = 500
@@ -90,9 +93,15 @@ def preflight(cfg: TesseraConfig) -> list[str]:
             shapes.validate_held_out(src.shapes.held_out)
         except ValueError as e:
             raise ConfigError(f"data.source.shapes.held_out: {e}") from None
+    if cfg.data.heldout.active:
+        HeldOut.load(cfg.data.heldout, opts)  # a missing or malformed list fails here, not in a task
     storage.require_writable(cfg.paths.data, opts)
     if src.kind == "shapes":
         return []
+    if src.kind == "emoji":  # its shards first (nothing to do when they are there already)
+        from tessera.data import emoji
+
+        emoji.fetch_shards(src.uri, src.emoji, opts)
     files = storage.require_inputs(src.uri, opts, suffixes=_SUFFIXES[src.kind])
     if src.kind == "parquet":
         cols = [src.image_column, src.caption_column] + ([src.key_column] if src.key_column else [])
@@ -110,6 +119,13 @@ def preflight(cfg: TesseraConfig) -> list[str]:
 def units_of(cfg: TesseraConfig, files: list[str]) -> list[dict]:
     """The units of work, in input order: one per input file, or ranges of procedural samples."""
     src = cfg.data.source
+    if src.kind == "files":  # runs of loose samples, each unit's file URIs listed in it
+        samples, n = sources.group_loose_files(src.uri, files, _options(cfg)), sources.LOOSE_PER_UNIT
+        if not samples:
+            raise storage.StorageError(f"{src.uri}: no images or captions among its {len(files)} files")
+        runs = [samples[i:i + n] for i in range(0, len(samples), n)]
+        return [{"unit": u, "input": f"{src.uri}: {run[0][0]} .. {run[-1][0]}", "samples": run}
+                for u, run in enumerate(runs)]
     if src.kind != "shapes":
         return [{"unit": i, "input": uri} for i, uri in enumerate(files)]
     total = src.shapes.num_samples + src.shapes.num_heldout
@@ -123,6 +139,8 @@ def _fingerprint(cfg: TesseraConfig, units: list[dict]) -> str:
     data = cfg.data.model_dump(mode="json", exclude={"overwrite", "output_uri", "samples_per_shard",
                                                      "task_retries"})
     spec = {"format": PARTS_FORMAT, "data": data, "inputs": [u["input"] for u in units]}
+    if cfg.data.heldout.uri:  # what the file says, not only its name
+        spec["heldout"] = HeldOut.load(cfg.data.heldout, _options(cfg)).digest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -130,8 +148,10 @@ def _fingerprint(cfg: TesseraConfig, units: list[dict]) -> str:
 
 
 def _raw_tables(unit: dict, *, kind: str, opts: storage.StorageOptions, src_cfg) -> Iterator[pa.Table]:
-    if kind == "webdataset":
+    if kind in ("webdataset", "emoji"):
         yield from sources.read_tar_shard(unit["input"], unit["unit"], opts)
+    elif kind == "files":
+        yield from sources.read_loose_files(unit["samples"], unit["unit"], opts)
     elif kind == "parquet":
         yield from sources.read_parquet_file(
             unit["input"], unit["unit"], opts, image_column=src_cfg.image_column,
@@ -152,7 +172,8 @@ def _marker_uri(gen_uri: str, unit: int) -> str:
 
 
 def process_unit(unit: dict, *, kind: str, src_cfg, rules: preprocess.Rules, gen_uri: str, near_dup: bool,
-                 run_id: str, opts: storage.StorageOptions, fault: str = "") -> dict:
+                 run_id: str, opts: storage.StorageOptions, fault: str = "",
+                 heldout: HeldOut | None = None) -> dict:
     """Read one unit, process every sample, write its kept rows as one Parquet part per split,
     then its marker. Returns the marker: per-split kept counts and per-reason skip counts."""
     writers: dict[str, tuple[pa.BufferOutputStream, pq.ParquetWriter]] = {}
@@ -164,6 +185,8 @@ def process_unit(unit: dict, *, kind: str, src_cfg, rules: preprocess.Rules, gen
         if fault == f"sleep:{unit['unit']}":
             time.sleep(600)  # a unit still running when the test kills the driver
         table = preprocess.process_table(raw, rules)
+        if heldout is not None:
+            table = heldout.apply(table)
         for c in pc.value_counts(table.column("reason")).to_pylist():
             if c["values"]:
                 reasons[c["values"]] = reasons.get(c["values"], 0) + c["counts"]
@@ -386,6 +409,7 @@ class _Prepare:
         self.cfg, self.files, self.old = cfg, files, old
         self.opts = _options(cfg)
         self.units = units_of(cfg, files)
+        self.heldout = HeldOut.load(cfg.data.heldout, self.opts)
         self.run_id = uuid.uuid4().hex[:12]
 
     def run(self, started: float) -> dict:
@@ -434,7 +458,9 @@ class _Prepare:
         tok_json = ray.get(tok_task.remote(train_parts, limit=tok_cfg.max_training_captions,
                                            vocab_size=tok_cfg.vocab_size, min_frequency=tok_cfg.min_frequency,
                                            lowercase=tok_cfg.lowercase, opts=opts))
-        storage.write_text(storage.join(cfg.paths.data, TOKENIZER), tok_json, opts)
+        # Inside the generation, like the shards: a re-prepare that fails before its manifest
+        # leaves the published dataset's tokenizer as its manifest's sha256 says.
+        storage.write_text(storage.join(gen_uri, TOKENIZER), tok_json, opts)
 
         manifest = self._manifest(generation, splits, reasons, tok_json, time.time() - started)
         published.publish(cfg.paths.data, manifest, opts, self.old)
@@ -448,9 +474,12 @@ class _Prepare:
         cfg, opts = self.cfg, self.opts
         fingerprint = _fingerprint(cfg, self.units)
         published_gen = self.old["generation"] if self.old else None
+        # The published generation and the one it replaced (jobs may still read it) are never
+        # resumed, which would rewrite them, nor cleared.
+        alive = published.retained(self.old)
         resume = None
         for name in reversed(published.generation_names(cfg.paths.data, opts)):
-            if name == published_gen or resume is not None:
+            if name in alive or resume is not None:
                 continue
             spec_uri = storage.join(cfg.paths.data, name, RUN_SPEC)
             try:
@@ -459,7 +488,7 @@ class _Prepare:
                 spec = {}
             if spec.get("fingerprint") == fingerprint:
                 resume = name
-        published.clear_unpublished_generations(cfg.paths.data, opts, keep=[published_gen, resume])
+        published.clear_unpublished_generations(cfg.paths.data, opts, keep=[*alive, resume])
         if published_gen:  # raw material a run that died right after publishing left behind
             for folder in ("parts", "drops", "shuffle"):
                 storage.remove_tree(storage.join(cfg.paths.data, published_gen, folder), opts)
@@ -509,7 +538,7 @@ class _Prepare:
         kw = dict(kind=cfg.data.source.kind, src_cfg=cfg.data.source,
                   rules=preprocess.Rules.from_config(cfg.data), gen_uri=gen_uri,
                   near_dup=cfg.data.near_duplicates == "dhash", run_id=self.run_id,
-                  opts=self.opts, fault=os.environ.get(FAULT_ENV, ""))
+                  opts=self.opts, fault=os.environ.get(FAULT_ENV, ""), heldout=self.heldout)
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         pending: dict = {}
         failure: tuple[dict, BaseException] | None = None
@@ -643,7 +672,8 @@ class _Prepare:
             "splits": splits,
             "skipped": skipped,
             "skip_reasons": {r: preprocess.REASONS[r] for r in skipped},
-            "tokenizer": {"path": TOKENIZER, "vocab_size": CaptionTokenizer.from_json(tok_json).vocab_size,
+            "tokenizer": {"path": f"{generation}/{TOKENIZER}",
+                          "vocab_size": CaptionTokenizer.from_json(tok_json).vocab_size,
                           "sha256": hashlib.sha256(tok_json.encode()).hexdigest()},
             "work": {"units": len(self.units), "reused_units": self.reused, "processed_units": self.processed,
                      "near_duplicates": cfg.data.near_duplicates,
@@ -658,6 +688,10 @@ class _Prepare:
             held = cfg.data.source.shapes.held_out
             pairs = shapes.validate_held_out(held) if held is not None else shapes.DEFAULT_HELD_OUT
             manifest["shapes"] = {"held_out": sorted(f"{c} {s}" for c, s in pairs)}
+        if self.heldout is not None:
+            manifest["heldout"] = self.heldout.describe(cfg.data.heldout)
+            if "heldout" not in splits:
+                log.warning("data.heldout named no sample of this dataset: no held-out split")
         return manifest
 
 

@@ -1,6 +1,7 @@
-"""Readers for the three sources, each turning one input file (or a range of procedural indices)
-into Arrow tables of RAW_SCHEMA rows. No Ray here: prepare.py maps these over the cluster, and
-tests call them directly.
+"""Readers for the sources, each turning one input file (a WebDataset tar, a Parquet file), a run of
+loose files or a range of procedural indices into Arrow tables of RAW_SCHEMA rows. No Ray here:
+prepare.py maps these over the cluster, and tests call them directly. (The emoji source is
+written as WebDataset tars first, by tessera.data.emoji, then read as one.)
 
 File-level damage becomes a row too (reason set, no image), so it is counted like any other skip
 instead of failing the job.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -24,6 +26,10 @@ ROWS_PER_TABLE = 256
 # Files a sample might carry as its "image" that we recognise in order to report them as
 # unsupported rather than as missing.
 OTHER_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "ico", "ppm", "pgm", "avif", "heic", "jp2")
+# A loose-files source (kind files) lists these names; nothing else in its folders is read.
+LOOSE_SUFFIXES = tuple(f".{e}" for e in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS, "txt", "json"))
+LOOSE_PER_UNIT = 1_000  # samples per prepare task
+LOOSE_READERS = 16  # files read at once: an object store answers each GET in tens of ms
 
 
 class _Rows:
@@ -92,6 +98,78 @@ def read_tar_shard(uri: str, file_index: int, options: storage.StorageOptions) -
                  meta=json.dumps({"file": uri, "error": result.error}))
     if len(rows):
         yield rows.flush()
+
+
+def group_loose_files(uri: str, files: list[str], options: storage.StorageOptions) -> list[list]:
+    """[key, {ext: file URI}] of each sample of a loose-files source, in listing order. A key is the
+    file's path below its root (a comma-separated part of `uri`) up to the last dot of its name:
+    unlike a tar member's, a loose file's name can hold dots ("photo.v2.jpg" + "photo.v2.txt").
+    Names with neither an image nor a caption (img2dataset's {shard}_stats.json) are not samples."""
+    roots = []
+    for part in (p.strip() for p in uri.split(",") if p.strip()):
+        roots.append(storage.to_uri(part, storage.resolve(part, options)[1]).rstrip("/") + "/")
+    samples: dict[tuple[int, str], dict[str, str]] = {}
+    for f in files:
+        at = next((i for i, r in enumerate(roots) if f.startswith(r)), -1)
+        rel = f[len(roots[at]):] if at >= 0 else _shard_name(f)
+        folder, _, name = rel.rpartition("/")
+        stem, _, ext = name.rpartition(".")
+        samples.setdefault((at, f"{folder}/{stem}" if folder else stem), {})[ext.lower()] = f
+    return [[key, found] for (_, key), found in samples.items()
+            if "txt" in found or any(e in found for e in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS))]
+
+
+def read_loose_files(samples: list[list], file_index: int,
+                     options: storage.StorageOptions) -> Iterator[pa.Table]:
+    """img2dataset's `files` layout: {key}.jpg|png|webp + {key}.txt (+ {key}.json), one file each;
+    `samples` from group_loose_files. A sample whose image or caption file cannot be read (gone
+    since it was listed, no permission) is counted as unreadable_file; the rest are judged as
+    a tar's samples are."""
+
+    def read(uri: str) -> tuple[bytes | None, str]:
+        try:
+            return storage.read_bytes(uri, options), ""
+        except storage.StorageError as e:
+            return None, str(e)[:200]
+
+    with ThreadPoolExecutor(LOOSE_READERS) as pool:
+        for start in range(0, len(samples), ROWS_PER_TABLE):
+            chunk = samples[start:start + ROWS_PER_TABLE]
+            wanted = []  # (index in chunk, extension) of each file to read
+            for i, (_, files) in enumerate(chunk):
+                image_ext = next((e for e in (*IMAGE_EXTS, *OTHER_IMAGE_EXTS) if e in files), None)
+                wanted += [(i, e) for e in (image_ext, "txt", "json") if e in files]
+            got: list[dict[str, tuple[bytes | None, str]]] = [{} for _ in chunk]  # per sample: ext -> read
+            results = pool.map(read, [chunk[i][1][e] for i, e in wanted])
+            for (i, e), result in zip(wanted, results, strict=True):
+                got[i][e] = result
+            rows = _Rows()
+            for i, ((key, files), mine) in enumerate(zip(chunk, got, strict=True)):
+                order = _order(file_index, start + i)
+                failed = [(files[e], err) for e, (data, err) in mine.items() if data is None and e != "json"]
+                if failed:
+                    rows.add(key=key, order=order, reason="unreadable_file",
+                             meta=json.dumps({"file": failed[0][0], "error": failed[0][1]}))
+                    continue
+                image_ext = next((e for e in mine if e not in ("txt", "json")), None)
+                meta: dict = {"source": f"{key}.{image_ext or 'txt'}"}
+                extra = _json_object(mine.get("json", (None, ""))[0])
+                if extra is not None:
+                    meta["source_meta"] = extra
+                rows.add(key=key, order=order, image=mine[image_ext][0] if image_ext else None,
+                         caption=mine.get("txt", (None, ""))[0], meta=json.dumps(meta))
+            yield rows.flush()
+
+
+def _json_object(data: bytes | None) -> dict | None:
+    """img2dataset metadata is optional; a broken one is not worth a sample."""
+    if data is None:
+        return None
+    try:
+        extra = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return extra if isinstance(extra, dict) else None
 
 
 def check_parquet_columns(uri: str, options: storage.StorageOptions, *, columns: list[str]) -> None:
