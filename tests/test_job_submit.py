@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import free_port
+from local_ray import http_status
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the .venv's bin: its `ray`, and the `python` jobs resolve
@@ -49,17 +48,6 @@ def _ray_env(token: str) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env
-
-
-def _http_status(url: str, token: str | None = None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0  # not listening (yet)
 
 
 def _stop_head(proc: subprocess.Popen) -> None:
@@ -111,7 +99,7 @@ def ray_head():
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
-        while _http_status(f"{url}/api/version", token) != 200:
+        while http_status(f"{url}/api/version", token) != 200:
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.flush()
                 pytest.fail(f"ray start did not bring up a dashboard at {url}:\n"
@@ -139,9 +127,9 @@ def _client(url: str, env: dict):
 
 def test_cluster_refuses_requests_without_the_token(ray_head):
     url, env, _ = ray_head
-    assert _http_status(f"{url}/api/jobs/") == 401
-    assert _http_status(f"{url}/api/jobs/", "not-the-token") in (401, 403)
-    assert _http_status(f"{url}/api/jobs/", env["RAY_AUTH_TOKEN"]) == 200
+    assert http_status(f"{url}/api/jobs/") == 401
+    assert http_status(f"{url}/api/jobs/", "not-the-token") in (401, 403)
+    assert http_status(f"{url}/api/jobs/", env["RAY_AUTH_TOKEN"]) == 200
 
 
 def test_prepare_job_submitted_with_working_dir(ray_head, tmp_path):
