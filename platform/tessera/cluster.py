@@ -139,8 +139,9 @@ def _loopback_store(create):
     return create_store
 
 
-def _bind_rendezvous_to_loopback() -> None:
-    """In a Ray Train worker, before its process group starts: see _loopback_store."""
+def bind_rendezvous_to_loopback() -> None:
+    """Before a process group starts (a Ray Train worker, or one process on its own): see
+    _loopback_store."""
     import importlib
 
     # The module (torch.distributed.rendezvous is also the name of a function).
@@ -158,7 +159,7 @@ def torch_config():
 
     class Backend(_TorchBackend):
         def on_start(self, worker_group, backend_config):
-            worker_group.execute(_bind_rendezvous_to_loopback)
+            worker_group.execute(bind_rendezvous_to_loopback)
             super().on_start(worker_group, backend_config)
 
     class LoopbackTorchConfig(TorchConfig):

@@ -294,6 +294,10 @@ def join_process_group(use_gpu: bool) -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
+        # torch's rendezvous store would listen on every interface; on loopback, 127.0.0.1 only.
+        from tessera.cluster import bind_rendezvous_to_loopback
+
+        bind_rendezvous_to_loopback()
     deepspeed.init_distributed("nccl" if use_cuda else "gloo", verbose=False)  # reuses Ray Train's group
 
 
