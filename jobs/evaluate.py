@@ -1,12 +1,16 @@
-"""Evaluate a model bundle on its run's prepared data: images for the first N validation captions,
-dVAE reconstruction PSNR, the prior's loss (nats and bits per image token), sample grids, training
-curves. On the shapes data also the first N held-out captions (novel colour/shape pairs) and
-caption accuracy: an attribute classifier reads the images back, with and without the reranker.
+"""Evaluate a model bundle on its run's prepared data: images for the first N validation and
+held-out captions, scored without and with the reranker by R-precision (under the scorer that
+jobs/train_scorer.py trains apart from the reranker) and FID/KID against the real val images (with
+evaluate.inception_weights_uri); dVAE reconstruction PSNR and SSIM, the prior's bits per image token
+with and without captions, sample grids, training curves. On the shapes data also caption accuracy:
+an attribute classifier reads the images back.
 
-    python jobs/evaluate.py --config debug --set run.root_uri=runs/demo [--bundle URI]
+    python jobs/evaluate.py --config debug --set run.root_uri=runs/demo [--bundle URI] [--scorer URI]
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/cluster.yaml
 
 --bundle: the bundle to evaluate (default: evaluate.bundle_uri, else {run.root_uri}/bundle).
+--scorer: R-precision's model (default: evaluate.scorer_uri, else {run.root_uri}/scorer/export);
+without one the report says R-precision was not computed.
 Writes report.json (last), report.md, grid_*.png and curves_*.png to evaluate.output_uri
 (default {run.root_uri}/eval); the classifier is kept under {run.root_uri}/eval/classifier; the
 figures go into the run's own bundle's model card (README.md).
@@ -43,4 +47,5 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(bundle_job_main(main, section="evaluate", description=__doc__))
+    sys.exit(bundle_job_main(main, section="evaluate", description=__doc__,
+                             uri_flags={"scorer": "scorer_uri"}))

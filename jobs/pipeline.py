@@ -1,7 +1,8 @@
 """Run the whole pipeline in order — prepare → train_dvae → encode → train_prior → train_reranker →
-export → evaluate — by calling each stage's job (the same `main` that `python jobs/X.py` runs) in
-one process and one Ray. A stage whose output is already published is skipped, so a rerun resumes
-where the last one stopped (a training stage that stopped part-way resumes from its checkpoint).
+export → train_scorer → evaluate — by calling each stage's job (the same `main` that
+`python jobs/X.py` runs) in one process and one Ray. A stage whose output is already published is
+skipped, so a rerun resumes where the last one stopped (a training stage that stopped part-way
+resumes from its checkpoint).
 
     python jobs/pipeline.py --config debug --set run.root_uri=runs/demo
     ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/cluster.yaml

@@ -62,7 +62,8 @@ def test_pipeline_help_lists_every_field_and_its_own_options(capsys):
                                                        "--bundle": "generate.bundle_uri",
                                                        "--output": "generate.output_uri",
                                                        "--image": "generate.image_uri"}),
-                                         ("evaluate", {"--bundle": "evaluate.bundle_uri"})])
+                                         ("evaluate", {"--bundle": "evaluate.bundle_uri",
+                                                       "--scorer": "evaluate.scorer_uri"})])
 def test_generate_and_evaluate_help_map_their_flags_to_config_paths(verb, flags, capsys):
     out = help_text(capsys, verb)
     for flag, path in flags.items():

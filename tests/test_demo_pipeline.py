@@ -25,6 +25,8 @@ SMALL = [
     "prior.val_samples=8", "prior.grid_captions=2", "prior.grid_samples=2",
     "reranker.steps=4", "reranker.micro_batch=8", "reranker.warmup_steps=1", "reranker.report_every=2",
     "reranker.eval_every=4", "reranker.checkpoint_every=4", "reranker.val_pairs=16",
+    "scorer.steps=4", "scorer.micro_batch=8", "scorer.warmup_steps=1", "scorer.report_every=2",
+    "scorer.eval_every=4", "scorer.checkpoint_every=4", "scorer.val_pairs=16",
     "evaluate.num_captions=6", "evaluate.num_heldout=4", "evaluate.sampling.candidates=2",
     "evaluate.actors.num_actors=1",
     "evaluate.recon_images=8", "evaluate.prior_val_rows=8", "evaluate.grid_captions=2",
@@ -59,7 +61,7 @@ def test_pipeline_end_to_end_publishes_every_artifact_and_resumes(ray_cluster, t
     tokens = json.loads((root / "tokens" / "manifest.json").read_text())
     assert tokens["splits"]["val"]["num_samples"] == data["splits"]["val"]["num_samples"]
     for stage, meta, steps in (("dvae", "dvae.json", 6), ("prior", "prior.json", 6),
-                               ("reranker", "reranker.json", 4)):
+                               ("reranker", "reranker.json", 4), ("scorer", "reranker.json", 4)):
         exported = json.loads((root / stage / "export" / meta).read_text())
         assert exported["step"] == steps, stage
         assert (root / stage / "export" / meta.replace(".json", ".safetensors")).stat().st_size > 0
@@ -72,6 +74,9 @@ def test_pipeline_end_to_end_publishes_every_artifact_and_resumes(ray_cluster, t
 
     report = json.loads((root / "eval" / "report.json").read_text())
     assert report["bundle"]["uri"].rstrip("/").endswith("bundle")
+    # R-precision is graded by the scorer, not by the bundle's reranker.
+    assert report["scorer"]["step"] == 4 and not report["scorer"]["is_bundle_reranker"]
+    assert all("with_reranking" in report["splits"][s]["r_precision"] for s in ("val", "heldout"))
     for png in (root / "eval").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "eval" / "report.md").is_file()

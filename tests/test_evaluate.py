@@ -1,15 +1,20 @@
 """Evaluation: the canonical scene form (captions and attributes agree on it), the scoring rules
-on hand-built predictions, the classifier's save/reuse plumbing, and jobs/evaluate.py end to end
-on a tiny untrained bundle and a tiny prepared dataset."""
+on hand-built predictions, the classifier's save/reuse plumbing, R-precision and FID/KID of
+generated images without and with reranking (on models whose answers are known), which scorers
+evaluate accepts, and jobs/evaluate.py end to end on a tiny untrained bundle and a tiny prepared
+dataset, without and then with a scorer and feature weights."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from bundles import make_bundle
+import torch
+from bundles import SHAPES_CAPTIONS, make_bundle
+from test_metrics import RandomConvFeatures, export
 
 from tessera.data import shapes
 from tessera.inference.evaluation.scenes import (
@@ -126,12 +131,25 @@ def test_classifier_is_saved_reused_and_retrained_when_its_spec_changes(tmp_path
         load_classifier(uri, spec=spec_of(spec))
 
 
-def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
+def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6,
+                       tokenizer_json: str | None = None) -> str:
     """A prepared dataset as jobs/prepare.py publishes one (manifest + tar shards with png, txt and
-    json attributes), with one val sample whose caption contradicts its attributes."""
+    json attributes, and the tokenizer when given), with one val sample whose caption contradicts
+    its attributes."""
+    import hashlib
+
     from tessera.data.tar import write_tar
 
     gen = "gen-test"
+    tokenizer = {}
+    if tokenizer_json is not None:
+        (root / gen).mkdir(parents=True, exist_ok=True)
+        (root / gen / "tokenizer.json").write_text(tokenizer_json)
+        from tessera.data.tokenizer import CaptionTokenizer
+
+        vocab = CaptionTokenizer.from_json(tokenizer_json).vocab_size
+        tokenizer = {"tokenizer": {"path": f"{gen}/tokenizer.json", "vocab_size": vocab,
+                                   "sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest()}}
     splits = {}
     for split, n, source_split in (("val", val, "train"), ("heldout", heldout, "heldout")):
         samples = []
@@ -147,9 +165,127 @@ def make_prepared_data(root: Path, *, val: int = 10, heldout: int = 6) -> str:
     manifest = {"kind": "tessera.prepared_dataset", "format_version": 1, "generation": gen,
                 "source": {"kind": "shapes", "uri": None}, "resolution": 32, "image_format": "png",
                 "splits": splits,
-                "shapes": {"held_out": sorted(f"{c} {s}" for c, s in shapes.DEFAULT_HELD_OUT)}}
+                "shapes": {"held_out": sorted(f"{c} {s}" for c, s in shapes.DEFAULT_HELD_OUT)}, **tokenizer}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return str(root)
+
+
+class PaletteScorer(torch.nn.Module):
+    """A contrastive model whose answers are known: caption k embeds as a random vector of its own,
+    and an image whose first pixel's red value is k embeds exactly as caption k."""
+
+    def __init__(self, tokenizer, captions: list[str], text_len: int = 16):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.shape = SimpleNamespace(text_len=text_len)
+        ids, mask = tokenizer.encode(captions, text_len=text_len)
+        self.keys = [tuple(r[m].tolist()) for r, m in zip(ids, mask, strict=True)]
+        self.table = torch.randn(len(captions), 64, generator=torch.Generator().manual_seed(0))
+
+    def encode_text(self, ids, mask):
+        return self.table[[self.keys.index(tuple(r[m].tolist())) for r, m in zip(ids, mask, strict=True)]]
+
+    def encode_image(self, images):  # (B, 3, S, S) in [0, 1]
+        return self.table[(images[:, 0, 0, 0] * 255).round().long()]
+
+
+def palette_images(codes: np.ndarray) -> np.ndarray:
+    """codes (N, M) -> uint8 images (N, M, 8, 8, 3) that PaletteScorer reads as those captions."""
+    out = np.zeros((*codes.shape, 8, 8, 3), np.uint8)
+    out[..., 0, 0, 0] = codes
+    return out
+
+
+def test_r_precision_without_and_with_reranking_on_a_scorer_with_known_answers():
+    from tessera.data.tokenizer import CaptionTokenizer, train_tokenizer
+    from tessera.inference.evaluation.any_data import Scorer, r_precision_figures
+
+    captions = SHAPES_CAPTIONS[:12]
+    tok = CaptionTokenizer.from_json(train_tokenizer(SHAPES_CAPTIONS, vocab_size=300,
+                                                     min_frequency=1).to_str())
+    scorer = Scorer(PaletteScorer(tok, captions), tok, "palette", 0)
+    n = len(captions)
+    # Candidate 0 draws the next caption, candidate 1 its own: the reranker's picks decide.
+    images = palette_images(np.stack([(np.arange(n) + 1) % n, np.arange(n)], axis=1))
+    r = r_precision_figures(scorer, captions, images, np.ones(n, int), distractors=99, seed=0)
+    assert (r["without_reranking"], r["with_reranking"]) == (0.0, 1.0)
+    assert (r["distractors"], r["chance"], r["images"]) == (11, round(1 / 12, 4), 12)  # every other caption
+    half = r_precision_figures(scorer, captions, images, np.array([1] * 6 + [0] * 6), distractors=99, seed=0)
+    assert (half["without_reranking"], half["with_reranking"]) == (0.0, 0.5)
+    few = r_precision_figures(scorer, captions, images, np.ones(n, int), distractors=3, seed=1)
+    assert few["distractors"] == 3 and few["chance"] == 0.25 and few["with_reranking"] == 1.0
+    same = r_precision_figures(scorer, [captions[0]] * 3, images[:3], np.zeros(3, int), distractors=9, seed=0)
+    assert same == {"status": "not computed: fewer than 2 distinct captions", "images": 3}
+
+
+def test_fid_and_kid_without_and_with_reranking_against_the_real_images():
+    from tessera.inference.evaluation.any_data import fidelity_figures, real_features
+    from tessera.inference.evaluation.metrics import InceptionFeatures
+
+    extractor = InceptionFeatures(RandomConvFeatures().eval(), source="random-conv")
+    g = np.random.default_rng(0)
+    real = (g.random((24, 1, 1, 3)) * 255 * np.ones((24, 32, 32, 3))).astype(np.uint8)  # flat colours
+    noise = g.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    images = np.stack([real, noise], axis=1)  # candidate 0: the real images themselves
+    feats = real_features(extractor, real)
+    figures = fidelity_figures(extractor, feats, images, np.ones(24, int))
+    wo, w = figures["without_reranking"], figures["with_reranking"]
+    # KID is unbiased: against the very same images it comes out below zero.
+    assert abs(wo["fid"]) < 1e-6 and w["fid"] > 1 and w["kid_mean"] > 0 > wo["kid_mean"]
+    assert (wo["real"], wo["generated"], wo["kid_subset_size"]) == (24, 24, 24)
+    assert real_features(extractor, real[:1]).startswith("FID not computed: 1 real val image")
+    broken = InceptionFeatures(torch.nn.Conv2d(4, 4, 1), source="four-channels")  # expects 4 channels
+    assert "four-channels: feature extraction failed" in real_features(extractor=broken, real=real)
+    one = fidelity_figures(extractor, feats, images[:1], np.ones(1, int))
+    assert one["status"].startswith("not computed: 1 generated image")
+
+
+def export_scorer(uri: str, data_manifest: dict, *, seed: int, step: int = 3) -> None:
+    """A tiny reranker export as train_scorer writes one, recording the data's tokenizer."""
+    from tessera import artifacts
+    from tessera.models.reranker import Reranker, RerankerShape
+
+    torch.manual_seed(seed)
+    shape = RerankerShape(text_vocab=300, text_len=16, image_size=32, embed_dim=32, text_dim=32, text_depth=1,
+                          text_heads=4, image_width=8, image_stages=3, image_grid=4)
+    artifacts.export("reranker", Reranker(shape).state_dict(), shape, uri, data_manifest=data_manifest,
+                     step=step)
+
+
+def test_evaluate_accepts_only_a_scorer_apart_from_the_bundles_reranker(tmp_path):
+    from tessera.bundle import read_manifest
+    from tessera.inference.evaluation.any_data import load_scorer
+
+    bundle = make_bundle(tmp_path / "b")
+    data = make_prepared_data(tmp_path / "data", tokenizer_json=(Path(bundle) / "tokenizer.json").read_text())
+    manifest, bm = json.loads(Path(data, "manifest.json").read_text()), read_manifest(bundle)
+
+    def load(uri):
+        return load_scorer(uri, data_uri=data, data_manifest=manifest, bundle_manifest=bm)
+
+    missing = str(tmp_path / "run" / "scorer" / "export")
+    scorer, entry = load(missing)
+    assert scorer is None and entry["status"] == (f"R-precision not computed: no scorer at {missing} "
+                                                  "(run train_scorer or set evaluate.scorer_uri)")
+    scorer, entry = load(str(tmp_path / "b" / "parts" / "reranker"))  # the export the bundle copied
+    assert scorer is None and entry["is_bundle_reranker"] and "the bundle's own reranker" in entry["status"]
+
+    own = str(tmp_path / "scorer")
+    export_scorer(own, {"generation": "gen-test", "tokenizer": manifest["tokenizer"]}, seed=1, step=3)
+    scorer, entry = load(own)
+    assert scorer is not None and scorer.step == entry["step"] == 3 and not entry["is_bundle_reranker"]
+    assert entry["status"].startswith(f"scorer {own} (step 3)")
+    assert "trained apart from the bundle's reranker" in entry["status"]
+    assert scorer.tokenizer.vocab_size == manifest["tokenizer"]["vocab_size"]
+
+    other = str(tmp_path / "other")
+    export_scorer(other, {"tokenizer": {**manifest["tokenizer"], "sha256": "0" * 64}}, seed=2)
+    scorer, entry = load(other)
+    assert scorer is None and "another tokenizer" in entry["status"] and entry["step"] == 3
+    (Path(own) / "reranker.safetensors").write_bytes(b"garbage")
+    scorer, entry = load(own)
+    assert scorer is None and entry["status"].startswith(f"R-precision not computed: {own}")
 
 
 def _job(name: str):
@@ -167,9 +303,10 @@ def _job(name: str):
 @pytest.mark.integration
 def test_evaluate_job_on_a_tiny_bundle_writes_the_report(tmp_path, ray_cluster):
     from tessera.config import load_config
+    from tessera.inference.evaluation.metrics import FID_NOT_CONFIGURED
 
     bundle = make_bundle(tmp_path / "b")
-    data = make_prepared_data(tmp_path / "data")
+    data = make_prepared_data(tmp_path / "data", tokenizer_json=(Path(bundle) / "tokenizer.json").read_text())
     run = tmp_path / "run"
     (run / "dvae").mkdir(parents=True)
     (run / "dvae" / "history.json").write_text(json.dumps(
@@ -201,15 +338,55 @@ def test_evaluate_job_on_a_tiny_bundle_writes_the_report(tmp_path, ray_cluster):
     assert held["novel_pairs"]["n"] >= 4  # every held-out caption names one novel pair
     assert report["dvae"]["codebook_size"] == 128 and 0 < report["dvae"]["codebook_usage"] <= 1
     assert report["prior"]["rows"] == 8 and report["prior"]["val_image_loss"] > 0
+    # Held-out bits per image token too (all 6 held-out images), with and without captions.
+    p = report["prior"]
+    assert p["heldout_rows"] == 6 and p["heldout_image_bits_per_token"] > 0
+    uncond = p["heldout_image_loss_uncond"] / math.log(2)
+    assert p["heldout_image_bits_per_token_uncond"] == pytest.approx(uncond, rel=1e-3)
+    assert 0 < report["dvae"]["ssim"] <= 1
+    # No scorer and no Inception weights: said so, not a crash, and no such figures.
+    assert report["scorer"]["status"] == (f"R-precision not computed: no scorer at {run}/scorer/export "
+                                          "(run train_scorer or set evaluate.scorer_uri)")
+    assert report["fidelity"] == {"status": FID_NOT_CONFIGURED, "real_images": 0, "real_split": "val"}
+    assert all("r_precision" not in s and "fidelity" not in s for s in report["splits"].values())
     assert report["curves"]["dvae"]["reports"] == 3 and report["curves"]["prior"]["missing"]
     assert report["classifier"]["trained_now"] and report["generation"]["images"] == 10 * 3
     md = (out / "report.md").read_text()
-    assert "| val | 6 |" in md and "No history.json for: prior, reranker" in md
+    assert "| val | 6 |" in md and "No history.json for: prior, reranker, scorer" in md
+    assert report["scorer"]["status"] in md and FID_NOT_CONFIGURED in md and "dVAE reconstruction SSIM" in md
+    assert "prior heldout bits per image token, without captions" in md
     from PIL import Image
 
     with Image.open(out / "grid_val.png") as im:
         assert im.width >= 3 * 32 * 4 and im.height > 3 * 32 * 4  # 3 captions of 3 candidates, x4
 
-    # A second run reuses the classifier and rewrites the report.
+    # A second run, with a scorer of its own and feature weights (a small random conv net exported
+    # as Inception's would be), reuses the classifier and adds R-precision and FID/KID.
+    export_scorer(str(tmp_path / "scorer"), {"tokenizer": json.loads(Path(data, "manifest.json").read_text())
+                                             ["tokenizer"]}, seed=1, step=5)
+    (tmp_path / "features.pt2").write_bytes(export(RandomConvFeatures()))
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "scorer_uri": str(tmp_path / "scorer"), "inception_weights_uri": str(tmp_path / "features.pt2")})})
     assert _job("evaluate").main(cfg) == 0
-    assert not json.loads((out / "report.json").read_text())["classifier"]["trained_now"]
+    report = json.loads((out / "report.json").read_text())
+    assert not report["classifier"]["trained_now"]
+    assert report["scorer"]["step"] == 5 and report["scorer"]["uri"] == str(tmp_path / "scorer")
+    assert report["fidelity"]["real_images"] == 8  # the val images read: max(captions, recon, prior rows)
+    for name, n in (("val", 6), ("heldout", 4)):
+        r, f = report["splits"][name]["r_precision"], report["splits"][name]["fidelity"]
+        distinct = len({c for c in _captions(data, name)[:n]})
+        assert r["images"] == n and r["distractors"] == distinct - 1 and r["chance"] == round(1 / distinct, 4)
+        assert all(0 <= r[m] <= 1 for m in ("without_reranking", "with_reranking"))
+        assert {m: f[m]["generated"] for m in f} == {"without_reranking": n, "with_reranking": n}
+        assert all(math.isfinite(f[m]["fid"]) and f[m]["real"] == 8 for m in f)
+    md = (out / "report.md").read_text()
+    assert f"the scorer is `{tmp_path / 'scorer'}` at step 5" in md
+    assert "FID/KID against 8 real val images" in md
+
+
+def _captions(data: str, split: str) -> list[str]:
+    """The usable captions of a split of make_prepared_data, in order (the mismatched one left out)."""
+    from tessera.inference.evaluation.run import read_split
+
+    manifest = json.loads(Path(data, "manifest.json").read_text())
+    return read_split(data, manifest, split, 100).captions

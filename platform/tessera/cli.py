@@ -2,7 +2,7 @@
 
     tessera run STAGE|pipeline [--config C] [--set PATH=VALUE ...]    one stage's job, or all in order
     tessera generate [--captions URI] [--bundle URI] [--output URI] [--config C] [--set ...]
-    tessera evaluate [--bundle URI] [--config C] [--set ...]
+    tessera evaluate [--bundle URI] [--scorer URI] [--config C] [--set ...]
     tessera serve BUNDLE [--port 8000] [--config C] [--set KEY=VALUE ...]
     tessera plan [--config C] [--set ...] [--gpus-per-node 8 ...]      bench/memory_plan.py
 
@@ -34,6 +34,7 @@ READS = {
     "encode": ("encode",),
     "train_prior": ("loader", "prior", "tracking"),
     "train_reranker": ("loader", "reranker", "tracking"),
+    "train_scorer": ("loader", "scorer", "tracking"),
     "export": ("export",),
     "evaluate": ("evaluate",),
     "generate": ("generate",),
@@ -46,7 +47,7 @@ SHORTHANDS = {
     "generate": (("--captions", "generate.captions_uri", "URI"), ("--bundle", "generate.bundle_uri", "URI"),
                  ("--output", "generate.output_uri", "URI"), ("--image", "generate.image_uri", "URI"),
                  ("--keep-rows", "generate.keep_rows", "N")),
-    "evaluate": (("--bundle", "evaluate.bundle_uri", "URI"),),
+    "evaluate": (("--bundle", "evaluate.bundle_uri", "URI"), ("--scorer", "evaluate.scorer_uri", "URI")),
 }
 SERVE_APP = "tessera"  # the Serve application's name
 

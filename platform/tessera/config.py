@@ -440,6 +440,16 @@ class RerankerTrainConfig(StageTrainConfig):
         return self
 
 
+class ScorerTrainConfig(RerankerTrainConfig):
+    """jobs/train_scorer.py: evaluate's contrastive model for R-precision. The reranker's
+    architecture and training on the same train split, but another seed and its own output, so
+    the model that grades an evaluation is not the one that picked the samples it grades."""
+
+    seed: int = 1  # the reranker's is 0
+    # None: {run.root_uri}/scorer
+    output_uri: Uri | None = None
+
+
 class ActorPoolConfig(Section):
     """Ray Data actors that each hold a loaded model (encode, evaluate, generate)."""
 
@@ -570,8 +580,10 @@ class ClassifierConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """jobs/evaluate.py: a bundle's images for the shapes validation and held-out captions, read
-    back by the attribute classifier; dVAE reconstruction, prior loss and training curves."""
+    """jobs/evaluate.py: a bundle's images for the validation and held-out captions, with and
+    without reranking: R-precision under the scorer, FID/KID against the val images, and on shapes
+    data the attribute classifier's caption accuracy; dVAE reconstruction PSNR/SSIM, the prior's
+    bits per image token (with and without captions), sample grids and training curves."""
 
     # The bundle to evaluate (jobs/evaluate.py --bundle sets it); None: {run.root_uri}/bundle.
     bundle_uri: Uri | None = None
@@ -588,6 +600,13 @@ class EvaluateConfig(Section):
     # val images (encoded by the bundle's dVAE) for the prior's image loss
     prior_val_rows: int = Field(256, ge=0)
     grid_captions: int = Field(8, ge=0)  # captions per sample grid (val and held-out)
+    # R-precision's contrastive model: a scorer export (train_scorer's, or any reranker export
+    # trained with the data's tokenizer); None: {run.root_uri}/scorer/export. Not the bundle's reranker.
+    scorer_uri: Uri | None = None
+    r_precision_distractors: int = Field(99, ge=1)  # other distinct captions each image is ranked among
+    # FID/KID features: a torch.export archive (.pt2) of Inception-v3 pool3, or torch-fidelity's
+    # weights file (needs torch-fidelity); None: FID and KID are not computed (the report says so).
+    inception_weights_uri: Uri | None = None
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
     @model_validator(mode="before")
@@ -684,6 +703,7 @@ class TesseraConfig(Section):
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
+    scorer: ScorerTrainConfig = Field(default_factory=ScorerTrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)

@@ -7,6 +7,8 @@ A section's own URI wins when the config sets one; otherwise each stage lives un
     {root}/tokens      token shards + manifest.json                             (encode)
     {root}/prior       checkpoints, history.json, samples/; export/ = prior.*    (train_prior)
     {root}/reranker    checkpoints, history.json; export/ = reranker.*          (train_reranker)
+    {root}/scorer      checkpoints, history.json; export/ = reranker.*          (train_scorer:
+                       evaluate's own contrastive model for R-precision, not the bundle's reranker)
     {root}/bundle      the model bundle serving and generation load             (export)
     {root}/eval        report.json, report.md, grids, curves; classifier/       (evaluate)
     {root}/generated   gen-…/images/*.png + index.jsonl, manifest.json          (generate)
@@ -22,7 +24,10 @@ from tessera import storage
 EXPORT = "export"  # a training stage's export folder, under its own URI
 REPORT = "report.json"  # the evaluation's report, written last: {eval}/report.json
 HISTORY = "history.json"  # a training stage's reports so far: {stage}/history.json
-STAGES = ("dvae", "prior", "reranker")
+STAGES = ("dvae", "prior", "reranker", "scorer")
+# The exported part (tessera.artifacts) of each training stage: the scorer that grades
+# evaluations is a second reranker, trained apart from the bundle's.
+EXPORTED_PART = {"dvae": "dvae", "prior": "prior", "reranker": "reranker", "scorer": "reranker"}
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,12 @@ class RunPaths:
     prior_tokens: str  # what the prior trains on
     prior: str
     reranker: str
+    scorer: str  # evaluate's contrastive model (R-precision), not the bundle's reranker
     bundle: str  # where export writes the bundle
     bundle_prior: str  # the prior export the bundle is built from
     eval: str
     eval_bundle: str  # the bundle evaluate scores
+    eval_scorer: str  # the scorer export evaluate loads
     classifier: str  # evaluate's saved attribute classifier
     generated: str
     generate_bundle: str  # the bundle generate draws with
@@ -54,13 +61,15 @@ class RunPaths:
 
         dvae, prior = under(cfg.dvae.output_uri, "dvae"), under(cfg.prior.output_uri, "prior")
         tokens, bundle = under(cfg.encode.output_uri, "tokens"), under(cfg.export.output_uri, "bundle")
+        scorer = under(cfg.scorer.output_uri, "scorer")
         return cls(
             root=root, data=under(cfg.data.output_uri, "data"), dvae=dvae,
             encode_dvae=cfg.encode.dvae_uri or storage.join(dvae, EXPORT), tokens=tokens,
             prior_tokens=cfg.prior.tokens_uri or tokens, prior=prior,
-            reranker=under(cfg.reranker.output_uri, "reranker"), bundle=bundle,
+            reranker=under(cfg.reranker.output_uri, "reranker"), scorer=scorer, bundle=bundle,
             bundle_prior=cfg.export.prior_uri or storage.join(prior, EXPORT),
             eval=under(cfg.evaluate.output_uri, "eval"), eval_bundle=cfg.evaluate.bundle_uri or bundle,
+            eval_scorer=cfg.evaluate.scorer_uri or storage.join(scorer, EXPORT),
             classifier=under(cfg.evaluate.classifier.uri, "eval", "classifier"),
             generated=under(cfg.generate.output_uri, "generated"),
             generate_bundle=cfg.generate.bundle_uri or bundle,
@@ -68,7 +77,7 @@ class RunPaths:
         )
 
     def stage(self, name: str) -> str:
-        """A training stage's folder: "dvae", "prior" or "reranker"."""
+        """A training stage's folder: "dvae", "prior", "reranker" or "scorer"."""
         if name not in STAGES:
             raise ValueError(f"no training stage called {name!r} (known: {', '.join(STAGES)})")
         return getattr(self, name)

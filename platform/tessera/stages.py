@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tessera import artifacts, published, storage
 from tessera.config import TesseraConfig
-from tessera.paths import REPORT
+from tessera.paths import EXPORTED_PART, REPORT
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _manifest(uri_of: Callable[[TesseraConfig], str]):
 def _export(section: str):
     """Done when the stage's export is at the configured step count."""
     def state(cfg, opts):
-        uri = storage.join(cfg.paths.export(section), artifacts.PARTS[section].meta)
+        uri = storage.join(cfg.paths.export(section), artifacts.PARTS[EXPORTED_PART[section]].meta)
         m = _read(uri, opts)
         if m is None or int(m.get("step", -1)) < getattr(cfg, section).steps:
             return None
@@ -64,13 +64,17 @@ def _bundle(cfg, opts):
 
 
 def _evaluation(cfg, opts):
-    """Done when the report is of the bundle that is there now (the same parts at the same steps)."""
+    """Done when the report is of the bundle that is there now (the same parts at the same steps),
+    graded by the scorer that is there now (none, or one at the same step)."""
     uri = storage.join(cfg.paths.eval, REPORT)
     report = _read(uri, opts)
     bundle = _read(storage.join(cfg.paths.eval_bundle, published.MANIFEST), opts)
     if report is None or bundle is None:
         return None
     steps = {part: m.get("step") for part, m in (bundle.get("parts") or {}).items()}
+    scorer = _read(storage.join(cfg.paths.eval_scorer, artifacts.PARTS["reranker"].meta), opts) or {}
+    if (report.get("scorer") or {}).get("step") != scorer.get("step"):
+        return None
     return uri if (report.get("bundle") or {}).get("steps") == steps else None
 
 
@@ -81,6 +85,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_prior", "stage 2: the prior", _export("prior"), ("encode",)),
     Stage("train_reranker", "the reranker", _export("reranker"), ("prepare",)),
     Stage("export", "the model bundle", _bundle, ("train_dvae", "train_prior", "train_reranker")),
-    Stage("evaluate", "generated images scored", _evaluation, ("export",)),
+    # Not in the bundle: evaluate's own contrastive model, so reranking is not graded by the reranker.
+    Stage("train_scorer", "evaluate's R-precision scorer", _export("scorer"), ("prepare",)),
+    Stage("evaluate", "generated images scored", _evaluation, ("export", "train_scorer")),
 )
 NAMES = tuple(s.name for s in STAGES)

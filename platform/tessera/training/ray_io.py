@@ -1,8 +1,9 @@
 """Training stages under Ray Train: the io every stage's loop talks to, the worker entry point,
 and the TorchTrainer that runs a stage and exports its last checkpoint.
 
-    fit(cfg, "dvae"|"prior"|"reranker") ─▶ TorchTrainer(train_loop_per_worker) ─▶ in each worker:
-      STAGES[name](cfg, RayTrainIO(cfg, name)).run() ─▶ the last checkpoint ─▶ {stage uri}/export
+    fit(cfg, "dvae"|"prior"|"reranker"|"scorer") ─▶ TorchTrainer(train_loop_per_worker) ─▶ in each
+      worker: STAGES[name](cfg, RayTrainIO(cfg, name)).run() ─▶ the last checkpoint ─▶
+      {stage uri}/export (the scorer's as a reranker export: paths.EXPORTED_PART)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from tessera import artifacts, storage
 from tessera.parallel import dist
-from tessera.paths import HISTORY  # {"stage": ..., "rows": [{"step": ..., <metric>: ...}, ...]}
+from tessera.paths import EXPORTED_PART, HISTORY  # history: {"stage", "rows": [{"step", <metric>...}]}
 
 VALIDATION_IMAGES = 64  # the dVAE's fixed reconstruction batch
 log = logging.getLogger("tessera.training")
@@ -24,9 +25,9 @@ log = logging.getLogger("tessera.training")
 def stage_class(name: str):
     from tessera.training.dvae_loop import DVAEStage
     from tessera.training.prior_loop import PriorStage
-    from tessera.training.reranker_loop import RerankerStage
+    from tessera.training.reranker_loop import RerankerStage, ScorerStage
 
-    return {"dvae": DVAEStage, "prior": PriorStage, "reranker": RerankerStage}[name]
+    return {"dvae": DVAEStage, "prior": PriorStage, "reranker": RerankerStage, "scorer": ScorerStage}[name]
 
 
 class RayTrainIO:
@@ -37,7 +38,7 @@ class RayTrainIO:
         import ray.train
 
         self._train = ray.train
-        self.cfg = cfg
+        self.cfg, self.stage = cfg, stage
         self.options = storage.StorageOptions.from_config(cfg.storage)
         self._artifacts_uri = cfg.paths.stage(stage)
         self._restored: tempfile.TemporaryDirectory | None = None
@@ -114,7 +115,7 @@ class RayTrainIO:
         return None if rows is None else rows["image"]
 
     def validation_pairs(self) -> dict[str, torch.Tensor] | None:
-        rows = self.validation_samples(self.cfg.reranker.val_pairs)
+        rows = self.validation_samples(getattr(self.cfg, self.stage).val_pairs)  # reranker or scorer
         return rows if rows is not None and len(rows["image"]) >= 2 else None
 
     # ── the prior: the token shards, and the dVAE that decodes its samples ───────────────────
@@ -243,5 +244,5 @@ def fit(cfg, name: str):
     result = trainer.fit()
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt_dir:
-            export_checkpoint(name, ckpt_dir, cfg.paths.export(name), options=opts)
+            export_checkpoint(EXPORTED_PART[name], ckpt_dir, cfg.paths.export(name), options=opts)
     return result

@@ -23,10 +23,10 @@ from tessera.models.reranker import NAMED_SHAPES, Reranker, RerankerShape, retri
 from tessera.training.skeleton import Stage
 
 
-def reranker_shape(cfg, manifest: dict) -> RerankerShape:
+def reranker_shape(cfg, manifest: dict, section: str = "reranker") -> RerankerShape:
     """The named size, with the caption vocabulary from the dataset's tokenizer, the caption length
-    from the loader and the image size from the config (default: what the dVAE decodes)."""
-    r = cfg.reranker
+    from the loader and the image size from the config section (default: what the dVAE decodes)."""
+    r = getattr(cfg, section)
     try:
         vocab = int(manifest["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError):
@@ -37,8 +37,8 @@ def reranker_shape(cfg, manifest: dict) -> RerankerShape:
         return replace(NAMED_SHAPES[r.size], text_vocab=vocab, text_len=cfg.loader.text_len,
                        image_size=image_size)
     except ValueError as e:
-        raise ValueError(f"reranker.image_size={image_size} does not fit "
-                         f"reranker.size={r.size!r}: {e}") from None
+        raise ValueError(f"{section}.image_size={image_size} does not fit "
+                         f"{section}.size={r.size!r}: {e}") from None
 
 
 def text_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,7 @@ class RerankerStage(Stage):
     retrieval: dict | None = None
 
     def build_model(self) -> Reranker:
-        self.shape = reranker_shape(self.cfg, self.io.data_manifest())
+        self.shape = reranker_shape(self.cfg, self.io.data_manifest(), self.section)
         return Reranker(self.shape)
 
     def setup(self) -> None:
@@ -120,6 +120,13 @@ class RerankerStage(Stage):
 
     def restore(self, state: dict, checkpoint_dir: str) -> None:
         self.retrieval = (state.get("export") or {}).get("retrieval") or state.get("retrieval")
+
+
+class ScorerStage(RerankerStage):
+    """Evaluate's contrastive model for R-precision: the reranker's stage on its own section
+    (another seed) and folder, so the model that grades samples is not the one that picked them."""
+
+    section = "scorer"
 
 
 def train_reranker(cfg, io) -> dict:

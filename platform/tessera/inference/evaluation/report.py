@@ -110,21 +110,27 @@ def markdown(report: dict) -> str:
               f"top-k {report['settings']['top_k']}, guidance {report['settings']['guidance_scale']}, "
               f"seed {report['settings']['seed']}.",
               f"Created {report['created']} in {report['wall_time_s']:.0f} s."]
+    lines += _text_image(report)
     if report.get("classifier"):
         lines += _accuracy(report)
     d, p = report.get("dvae") or {}, report.get("prior") or {}
     lines += ["", "## Models", "", "| figure | value |", "|---|---:|"]
     if d.get("psnr_db") is not None:
         lines += [f"| dVAE reconstruction PSNR ({d['images']} val images) | {_num(d['psnr_db'], ' dB', 2)} |",
+                  f"| dVAE reconstruction SSIM | {_num(d.get('ssim'))} |",
                   f"| dVAE codebook use (of K = {d['codebook_size']}) | {_pct(d['codebook_usage'])} |",
                   f"| dVAE codebook perplexity | {_num(d['perplexity'], '', 1)} |"]
     if p.get("val_image_loss") is not None:
         lines += [f"| prior val image loss, nats/token ({p.get('rows', '?')} rows, {p['source']}) | "
                   f"{_num(p['val_image_loss'])} |"]
-        if p.get("val_image_bits_per_token") is not None:
-            lines.append(f"| the same in bits per image token | {_num(p['val_image_bits_per_token'])} |")
         if p.get("val_image_loss_uncond") is not None:
             lines.append(f"| prior val image loss without captions | {_num(p['val_image_loss_uncond'])} |")
+    for split, rows in (("val", p.get("rows")), ("heldout", p.get("heldout_rows"))):
+        if p.get(f"{split}_image_bits_per_token") is not None:
+            lines += [f"| prior {split} bits per image token, with captions ({rows} images) | "
+                      f"{_num(p[f'{split}_image_bits_per_token'])} |",
+                      f"| prior {split} bits per image token, without captions | "
+                      f"{_num(p.get(f'{split}_image_bits_per_token_uncond'))} |"]
     for note in report.get("notes", []):
         lines.append(f"\n_{note}_")
     g = report.get("generation") or {}
@@ -141,6 +147,40 @@ def markdown(report: dict) -> str:
         lines.append(f"\nNo history.json for: {', '.join(missing)} "
                      "(stage not run, or trained before curves were recorded).")
     return "\n".join(lines) + "\n"
+
+
+def _text_image(report: dict) -> list[str]:
+    """report.md's any-data section: R-precision and FID/KID per split, without and with reranking,
+    and which scorer and features they come from (or why they were not computed)."""
+    scorer, fid = report.get("scorer") or {}, report.get("fidelity") or {}
+    table = ["| split | captions | reranking | R-precision | its chance | FID | KID |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    notes = []
+    for split, s in report["splits"].items():
+        r, f = s.get("r_precision") or {}, s.get("fidelity") or {}
+        for mode, label in (("without_reranking", "no (candidate 0)"), ("with_reranking", "yes (best of M)")):
+            m = f.get(mode) or {}
+            kid = "–" if m.get("kid_mean") is None else f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"
+            table.append(f"| {split} | {s['captions']} | {label} | {_pct(r.get(mode))} | "
+                         f"{_pct(r.get('chance'))} | {_num(m.get('fid'), '', 2)} | {kid} |")
+        notes += [f"{split}: {x['status']}" for x in (r, f) if x.get("status")]
+    done = {split: r["distractors"] for split, s in report["splits"].items()
+            if "distractors" in (r := s.get("r_precision") or {})}
+    fids = [s.get("fidelity") or {} for s in report["splits"].values()]
+    computed = done or any("without_reranking" in f for f in fids)
+    lines = ["", "## Text–image fit and fidelity"] + (["", *table] if computed else [])
+    if done:
+        lines += ["", "R-precision: the share of images whose own caption the scorer ranks above "
+                  "the other distinct captions drawn from their split ("
+                  + ", ".join(f"{k} for {split}" for split, k in done.items())
+                  + f"); the scorer is `{scorer['uri']}` at step {scorer['step']}, a contrastive model "
+                  "trained apart from the bundle's reranker (train_scorer), so reranking is not graded "
+                  "by the model that reranked."]
+    else:
+        lines += ["", f"_{scorer.get('status', 'R-precision not computed')}_"]
+    lines.append(f"FID/KID against {fid['real_images']} real val images: {fid['status']}."
+                 if fid.get("real_images") else f"\n_{fid.get('status', 'FID not computed')}_")
+    return lines + [f"\n_{n}_" for n in notes]
 
 
 def _accuracy(report: dict) -> list[str]:

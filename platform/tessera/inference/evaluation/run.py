@@ -1,11 +1,14 @@
-"""The evaluate job's work: what a bundle draws for the prepared val captions, and, on the
-shapes data, how well it draws what they say.
+"""The evaluate job's work: what a bundle draws for the prepared val and held-out captions, and
+how well it draws what they say.
 
-    prepared val (and, for shapes, held-out) splits: first N each, caption + image
+    prepared val and held-out splits: first N each, caption + image
     (+ ground-truth attributes for shapes)
     ─▶ M candidates per caption on Ray Data (tessera.inference.batch_generate), ranked by the reranker
-    ─▶ any data: dVAE reconstruction PSNR and codebook use; prior image loss (nats and bits per
-       image token) on val images encoded by the bundle's own dVAE; sample grids; training curves
+    ─▶ any data: R-precision under the scorer ({run}/scorer/export, trained apart from the reranker)
+       and FID/KID against the real val images (with evaluate.inception_weights_uri), each without
+       and with reranking (any_data.py); dVAE reconstruction PSNR, SSIM and codebook use; prior
+       image loss (nats and bits per image token, with and without captions) on val and held-out
+       images encoded by the bundle's own dVAE; sample grids; training curves
     ─▶ shapes data only (the classifier knows nothing else): the attribute classifier (reused from
        {run}/eval/classifier when its spec matches, else trained) reads every candidate: caption /
        attribute accuracy without reranking (candidate 0) and with it (the reranker's best), per
@@ -28,6 +31,7 @@ import torch
 
 from tessera import model_card, published, storage
 from tessera.data import shapes
+from tessera.inference.evaluation import any_data
 from tessera.inference.evaluation import report as draw
 from tessera.inference.evaluation.classifier import ensure_classifier
 from tessera.inference.evaluation.scenes import (
@@ -114,6 +118,7 @@ def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray],
                  classifier=None) -> tuple[dict, torch.Tensor]:
     """PSNR of decode(encode(x)), codebook use, and the classifier (if any) on the
     reconstructions; also the tokens (B, G, G) for the prior's loss."""
+    from tessera.inference.evaluation.metrics import ssim
     from tessera.models.dvae import codebook_usage, psnr, to_model_input, to_pixels
 
     x = to_model_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
@@ -121,6 +126,8 @@ def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray],
     recon = torch.cat([dvae.decode(tokens[s:s + 256]) for s in range(0, len(x), 256)])
     perplexity, used = codebook_usage(tokens, dvae.shape.num_tokens)
     figures = {"images": len(x), "psnr_db": round(float(psnr(recon, x)), 3),
+               # SSIM's 11-pixel window needs images at least that large
+               "ssim": round(float(ssim(recon, x).mean()), 4) if min(x.shape[-2:]) >= 11 else None,
                "codebook_size": dvae.shape.num_tokens,
                "codebook_usage": round(used, 4), "perplexity": round(perplexity, 2)}
     if classifier is not None:
@@ -130,20 +137,31 @@ def dvae_figures(dvae, images: list[np.ndarray], labels: list[np.ndarray],
 
 
 @torch.no_grad()
-def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: int = 64) -> dict:
-    """Image loss per token of the bundle's prior on val images as its own dVAE encodes them, with
-    their captions and with the captions dropped: nats, and bits (nats / ln 2) per image token."""
+def image_tokens(dvae, images: list[np.ndarray], *, batch: int = 256) -> torch.Tensor:
+    """The dVAE's tokens (B, G, G) of uint8 images (H, W, 3)."""
+    from tessera.models.dvae import to_model_input
+
+    x = to_model_input(np.stack(images), dvae.shape.image_size)  # (B, 3, S, S)
+    return torch.cat([dvae.encode(x[s:s + batch]) for s in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def prior_figures(bundle, captions: list[str], tokens: torch.Tensor, *, batch: int = 64,
+                  split: str = "val") -> dict:
+    """Image loss per token of the bundle's prior on a split's images as its own dVAE encodes them,
+    with their captions and with the captions dropped (the all-padding caption that caption dropout
+    trains and guidance samples with): nats, and bits (nats / ln 2) per image token."""
     prior = bundle.prior
     ids, mask = bundle.tokenizer.encode(captions, text_len=prior.shape.text_len)
     ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask)
     image = tokens.flatten(1)
-    sums = {"val_image_loss": 0.0, "val_image_loss_uncond": 0.0}
+    cond, uncond = f"{split}_image_loss", f"{split}_image_loss_uncond"
+    sums = {cond: 0.0, uncond: 0.0}
     for s in range(0, len(ids), batch):
         sl, k = slice(s, s + batch), len(ids[s:s + batch])
-        sums["val_image_loss"] += float(prior(ids[sl], mask[sl], image[sl])["image_loss"]) * k
-        sums["val_image_loss_uncond"] += float(prior(ids[sl], torch.zeros_like(mask[sl]),
-                                                     image[sl])["image_loss"]) * k
-    return {"rows": len(ids), "source": "val images encoded by the bundle's dVAE",
+        sums[cond] += float(prior(ids[sl], mask[sl], image[sl])["image_loss"]) * k
+        sums[uncond] += float(prior(ids[sl], torch.zeros_like(mask[sl]), image[sl])["image_loss"]) * k
+    return {"rows": len(ids), "source": f"{split} images encoded by the bundle's dVAE",
             **{k: round(v / len(ids), 4) for k, v in sums.items()},
             **{k.replace("_loss", "_bits_per_token"): round(v / len(ids) / math.log(2), 4)
                for k, v in sums.items()}}
@@ -211,6 +229,7 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     from tessera.bundle import load_bundle
     from tessera.data.loader import load_manifest
     from tessera.inference import batch_generate
+    from tessera.inference.evaluation.metrics import load_inception
 
     started = time.time()
     e, opts = cfg.evaluate, storage.StorageOptions.from_config(cfg.storage)
@@ -230,8 +249,8 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     splits = {"val": read_split(cfg.paths.data, data, "val",
                                 max(e.num_captions, e.recon_images, e.prior_val_rows), opts,
                                 attributes=is_shapes),
-              "heldout": read_split(cfg.paths.data, data, "heldout", e.num_heldout, opts,
-                                    attributes=is_shapes)
+              "heldout": read_split(cfg.paths.data, data, "heldout", max(e.num_heldout, e.prior_val_rows),
+                                    opts, attributes=is_shapes)
               if "heldout" in data["splits"] else Split("heldout")}
     log.info("read %d val and %d held-out samples from %s", len(splits["val"].captions),
              len(splits["heldout"].captions),
@@ -244,9 +263,21 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
     dvae, tokens = dvae_figures(b.dvae, recon, val.labels[: len(recon)], classifier) if recon else ({}, None)
     k = min(e.prior_val_rows, len(recon))
     prior = prior_figures(b, val.captions[:k], tokens[:k]) if k else {}
+    held = splits["heldout"]
+    k = min(e.prior_val_rows, len(held.images))
+    if k:
+        h = prior_figures(b, held.captions[:k], image_tokens(b.dvae, held.images[:k]), split="heldout")
+        prior |= {"heldout_rows": h["rows"]} | {key: v for key, v in h.items() if key.startswith("heldout_")}
     history = _history_value(cfg, opts, "prior", "val_image_loss")
     if history is not None:
         prior["history_val_image_loss"] = history
+    # The scorer (R-precision) and Inception features (FID/KID); neither stops the evaluation.
+    scorer, scorer_entry = any_data.load_scorer(cfg.paths.eval_scorer, data_uri=cfg.paths.data,
+                                                data_manifest=data, bundle_manifest=b.manifest, options=opts)
+    extractor, fid_status = load_inception(e.inception_weights_uri, options=opts)
+    real = any_data.real_features(extractor, val.images) if extractor is not None else fid_status
+    if isinstance(real, str):
+        extractor, fid_status = None, real
 
     # Generation: every candidate of every caption, ranked, as rows with PNG bytes.
     sampling, a = batch_generate.Sampling.of(e.sampling, keep=e.candidates), e.actors
@@ -276,20 +307,29 @@ def run_evaluate(cfg, bundle: str | None = None) -> dict:
                     "data": {"uri": cfg.paths.data, "generation": data["generation"],
                              "source": data["source"]["kind"],
                              "held_out": sorted(" ".join(p) for p in held_out)},
-                    "settings": _settings(e), "splits": {}, "notes": []}
+                    "settings": _settings(e), "splits": {}, "notes": [], "scorer": scorer_entry,
+                    "fidelity": {"status": fid_status, "real_images": len(val.images) if extractor else 0,
+                                 "real_split": "val"}}
     if b.reranker is None and e.candidates > 1:
         report["notes"].append("The bundle has no reranker: 'with reranking' keeps candidate 0 as well.")
     if classifier is None:
         report["notes"].append(f"The data's source is {data['source']['kind']!r}, not shapes: no caption "
                                "accuracy (the attribute classifier reads only shapes scenes).")
     files: dict[str, list[str]] = {"grids": [], "curves": []}
-    for name, split in splits.items():
+    for stream, (name, split) in enumerate(splits.items()):
         if not split.captions:
             continue
         arrays = collect_generations(split, by_split[name], e.candidates)
         figures = {"captions": len(split.captions)}
         if classifier is not None:
             figures = score_generations(split, arrays, classifier, held_out)
+        picks = arrays["ranks"].argmin(axis=1)  # (N,) the reranker's pick
+        if scorer is not None:
+            figures["r_precision"] = any_data.r_precision_figures(
+                scorer, split.captions, arrays["images"], picks, distractors=e.r_precision_distractors,
+                seed=sampling.seed + stream)
+        if extractor is not None:
+            figures["fidelity"] = any_data.fidelity_figures(extractor, real, arrays["images"], picks)
         figures["skipped"] = split.skipped
         report["splits"][name] = figures
         if e.grid_captions:
@@ -388,7 +428,17 @@ def summarize(report: dict) -> str:
     lines = [f"evaluation of {report['bundle']['name']} ({report['bundle']['uri']}) "
              f"in {report['wall_time_s']:.0f} s"]
     for name, s in report["splits"].items():
-        if "with_reranking" not in s:  # not shapes data: nothing read the images back
+        r = s.get("r_precision") or {}
+        if "without_reranking" in r:
+            lines.append(f"  {name:8s} R-precision {pct(r['without_reranking'])} without reranking, "
+                         f"{pct(r['with_reranking'])} with (chance {pct(r['chance'])}, "
+                         f"{r['distractors']} distractors)")
+        f = s.get("fidelity") or {}
+        if "without_reranking" in f:
+            wo, w = f["without_reranking"], f["with_reranking"]
+            lines.append(f"  {name:8s} FID {wo['fid']:.2f} without reranking, {w['fid']:.2f} with; "
+                         f"KID {wo['kid_mean']:.4f}, {w['kid_mean']:.4f}")
+        if "with_reranking" not in s:  # not shapes data: no classifier read the images back
             lines.append(f"  {name:8s} {s['captions']:4d} captions drawn (sample grids; no caption accuracy)")
             continue
         wo, w = s["without_reranking"], s["with_reranking"]
@@ -402,17 +452,25 @@ def summarize(report: dict) -> str:
                          f"{pct(s['novel_pairs']['colour_and_shape'])} "
                          f"({pct(s['novel_pairs']['colour_and_shape_reranked'])} reranked) "
                          f"of {s['novel_pairs']['n']}")
+    for status in (report["scorer"]["status"], report["fidelity"]["status"]):
+        if "not computed" in status:
+            lines.append(f"  {status}")
     c, d, p = report["classifier"], report["dvae"], report["prior"]
     if c:
         lines.append(f"  classifier: {pct(c['real'])} on fresh renders, {pct(c['val_real'])} on val images, "
                      f"{pct(c['val_reconstruction'])} on their dVAE reconstructions (the ceiling)")
     if d:
-        lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR, {pct(d['codebook_usage'])} of "
+        ssim = "" if d.get("ssim") is None else f", SSIM {d['ssim']:.3f}"
+        lines.append(f"  dVAE: {d['psnr_db']:.2f} dB PSNR{ssim}, {pct(d['codebook_usage'])} of "
                      f"{d['codebook_size']} codes used")
     if p:
         lines.append(f"  prior: val image loss {p['val_image_loss']:.3f} nats/token "
                      f"({p['val_image_bits_per_token']:.3f} bits; {p['val_image_loss_uncond']:.3f} nats "
                      "without captions)")
+    if p.get("heldout_image_loss") is not None:
+        lines.append(f"         held-out image loss {p['heldout_image_loss']:.3f} nats/token "
+                     f"({p['heldout_image_bits_per_token']:.3f} bits; "
+                     f"{p['heldout_image_loss_uncond']:.3f} nats without captions)")
     g = report["generation"]
     lines.append(f"  generated {g['images']} images in {g['seconds']:.0f} s ({g['images_per_s']}/s)")
     return "\n".join(lines)
