@@ -34,6 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _torch_linear_restored():
+    """DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear with its memory-efficient version for
+    the rest of the process ("This will persist unless manually reset."): a test that builds a
+    ZeRO-3 engine in this process would change what autograd saves in every later test."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    yield
+    F.linear = linear
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from moto.server import ThreadedMotoServer
