@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import free_port
-from local_ray import http_status
+from local_ray import http_status, stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the .venv's bin: its `ray`, and the `python` jobs resolve
@@ -48,28 +47,6 @@ def _ray_env(token: str) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env
-
-
-def _stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM to our `ray start --block` (it kills the Ray processes it started), then SIGKILL
-    whatever of its process tree is left. Only descendants of our own process are touched."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +84,7 @@ def ray_head():
             time.sleep(0.5)
         yield url, env, temp_dir
     finally:
-        _stop_head(proc)
+        stop_tree(proc, sig=signal.SIGTERM, timeout=30)  # SIGTERM: the head stops at once
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
