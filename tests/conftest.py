@@ -38,12 +38,15 @@ def free_port() -> int:
 def _torch_linear_restored():
     """DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear with its memory-efficient version for
     the rest of the process ("This will persist unless manually reset."): a test that builds a
-    ZeRO-3 engine in this process would change what autograd saves in every later test."""
+    ZeRO-3 engine in this process would change what autograd saves in every later test. A stage
+    run in this process sets torch's thread count (threads_per_worker): restored too."""
+    import torch
     import torch.nn.functional as F
 
-    linear = F.linear
+    linear, threads = F.linear, torch.get_num_threads()
     yield
     F.linear = linear
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -110,10 +110,12 @@ def test_accumulated_steps_report_every_micro_batch(section, one_process_group, 
         f"run.root_uri={tmp_path}", f"{s}.micro_batch={MICRO}", f"{s}.grad_accum={ACCUM}",
         f"{s}.steps={STEPS}",
         f"{s}.report_every={REPORT_EVERY}", f"{s}.eval_every=1000", f"{s}.checkpoint_every=1000",
-        f"{s}.warmup_steps=1"])
+        f"{s}.warmup_steps=1", f"{s}.threads_per_worker=1"])
     io = CountingIO(section)
     stage = recording(stage_class)(cfg, io)
     last = stage.run()
+
+    assert torch.get_num_threads() == 1  # threads_per_worker (conftest restores the count)
 
     assert [m["step"] for m in io.reports] == [2, 4]
     assert len(stage.micro) == STEPS * ACCUM == 8  # micro-batches the 4 optimizer steps consumed

@@ -234,6 +234,9 @@ class StageTrainConfig(Section):
     keep_checkpoints: int | None = Field(2, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
+    # Torch intra-op threads in each worker; None: Ray's default, the floor of cpus_per_worker (at
+    # least 1). One worker with 2 threads beats two 1-thread workers on a 2-core machine.
+    threads_per_worker: int | None = Field(None, ge=1)
     # Worker placement: PACK fills a node first (multi-GPU nodes); SPREAD uses as many nodes as it can.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False

@@ -186,6 +186,8 @@ class Stage:
     def run(self) -> dict:
         """Train to the section's `steps` (resuming from the latest checkpoint); the last metrics."""
         t = self.t
+        if t.threads_per_worker:
+            torch.set_num_threads(t.threads_per_worker)
         join_process_group(t.use_gpu)
         import deepspeed
 
