@@ -23,24 +23,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 
-def shapes_images(cfg, split: str, start: int, count: int, size: int):
+def shapes_images(cfg, split: str, start: int, count: int, size: int, *, labels: bool = False):
+    """uint8 (count, size, size, 3) renders as prepare writes them (the source's size, box-resized);
+    with labels=True also their scene labels (count, NUM_LABELS)."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from tessera.data.shapes import render_sample
+    from tessera.inference.evaluation.scenes import canonical_scene
 
     s = cfg.data.source.shapes
-    out = []
+    out, scenes = [], []
     for i in range(start, start + count):
-        png = render_sample(i, seed=s.seed, image_size=s.image_size, split=split,
-                            max_objects=s.max_objects).image_png
-        out.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize((size, size), Image.BOX)))
-    return np.stack(out)
+        sample = render_sample(i, seed=s.seed, image_size=s.image_size, split=split,
+                               max_objects=s.max_objects)
+        out.append(np.asarray(Image.open(io.BytesIO(sample.image_png)).convert("RGB")
+                              .resize((size, size), Image.BOX)))
+        scenes.append(canonical_scene(sample.attributes).labels())
+    return (np.stack(out), np.stack(scenes)) if labels else np.stack(out)
 
 
-def train(init: str, cfg, images, val, steps: int, batch: int) -> dict:
+def train(init: str, cfg, images, val, steps: int, batch: int, *, shape=None) -> dict:
+    """The config's dvae recipe from `init`; the figures, and under "model" the trained DVAE."""
     import torch
 
     from tessera.models.dvae import DVAE, codebook_usage, psnr, to_model_input
@@ -49,7 +55,7 @@ def train(init: str, cfg, images, val, steps: int, batch: int) -> dict:
     from tessera.training.skeleton import decay_groups
 
     t = cfg.dvae
-    shape = dvae_shape(cfg)
+    shape = shape or dvae_shape(cfg)
     torch.manual_seed(t.seed)
     model = DVAE(shape, init=init)
     vx = to_model_input(torch.as_tensor(val), shape.image_size)
@@ -81,7 +87,7 @@ def train(init: str, cfg, images, val, steps: int, batch: int) -> dict:
     return {"init": init, "val_psnr": round(float(psnr(recon, vx)), 3), "codes_used": round(used, 4),
             "initial_logit_std": round(spread, 4),
             "train_psnr_last": round(float(psnr(out["recon"].detach(), x)), 3),
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1), "model": model}
 
 
 def main() -> None:
@@ -108,6 +114,7 @@ def main() -> None:
     results = {}
     for init in ("torch", "released"):
         r = train(init, cfg, images, val, steps, batch)
+        r.pop("model")
         results[init] = r
         print(f"{init:9s} val PSNR {r['val_psnr']:.2f} dB  codes used {r['codes_used']:.1%}  "
               f"initial logit std {r['initial_logit_std']:.3f}  ({r['seconds']:.0f} s)", flush=True)
