@@ -75,7 +75,7 @@ def test_relative_paths_are_pinned_where_the_config_loads(tmp_path, monkeypatch)
 
 def test_prior_precision_choices_are_checked_at_load():
     cfg = load_config("debug")
-    assert (cfg.prior.zero_stage == 3 and cfg.prior.precision == "auto"
+    assert (cfg.prior.zero_stage == 0 and cfg.prior.precision == "auto"
             and cfg.prior.resblock_grad_scaling is None)
     with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
         load_config("debug", ["prior.precision=fp16"])
