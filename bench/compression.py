@@ -42,6 +42,7 @@ def run_setting(method: str, rank: int, args, root: str) -> tuple[dict, float]:
 
     overrides = [f"run.root_uri={root}", f"run.name=bench-{method}-{rank}", f"prior.tokens_uri={args.tokens}",
                  f"prior.steps={args.steps}", "prior.num_workers=4", "prior.cpus_per_worker=0.5",
+                 "prior.threads_per_worker=1", "prior.zero_stage=3",
                  "prior.placement_strategy=SPREAD", f"prior.micro_batch={args.micro_batch}",
                  f"prior.report_every={args.report_every}", f"prior.eval_every={args.steps}",
                  f"prior.checkpoint_every={args.steps}", "prior.grid_captions=0", "prior.precision=fp32",

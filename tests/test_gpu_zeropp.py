@@ -55,6 +55,7 @@ def test_zeropp_quantized_weights_and_gradients_on_one_gpu(tmp_path):
     from tessera.training.prior_loop import train_prior
 
     cfg = load_config("debug", ["prior.use_gpu=true", "prior.precision=bf16", "prior.grad_comm.method=zeropp",
+                                "prior.zero_stage=3",
                                 "prior.grad_comm.zeropp.quantized_weights=true",
                                 "prior.grad_comm.zeropp.quantized_gradients=true", "loader.text_len=6",
                                 "prior.micro_batch=8", "prior.steps=4", "prior.report_every=1",

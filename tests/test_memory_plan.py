@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # and the text head bigger than ZeRO-3's persistence threshold (1e5), the rest stays whole.
 SMALL = ["prior.dim=64", "prior.depth=2", "prior.heads=4", "prior.num_workers=4", "prior.micro_batch=2",
          "tokenizer.vocab_size=2048", "prior.ema_decay=0.99", "prior.precision=fp32",
-         "prior.caption_dropout=0"]
+         "prior.caption_dropout=0", "prior.zero_stage=3"]
 ONE_NODE = ["prior.grad_comm.method=none", "prior.grad_comm.ranks_per_node=4"]
 VARIANTS = {  # config overrides, DeepSpeed zero_optimization keys set beside tessera's
     "none": (ONE_NODE, {}),

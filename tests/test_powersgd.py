@@ -351,16 +351,16 @@ def test_cross_node_byte_model():
 def test_grad_comm_config_and_deepspeed_keys():
     from tessera.config import ConfigError, load_config
 
-    cfg = load_config("debug", ["prior.grad_comm.method=zeropp", "prior.num_workers=4",
+    cfg = load_config("debug", ["prior.grad_comm.method=zeropp", "prior.zero_stage=3", "prior.num_workers=4",
                                 "prior.grad_comm.ranks_per_node=2"])
     assert cfg.prior.grad_comm.zeropp.hierarchical_partitioning
     with pytest.raises(ConfigError, match="quantized_gradients needs use_gpu: true.*CUDA-only"):
-        load_config("debug", ["prior.grad_comm.method=zeropp",
+        load_config("debug", ["prior.grad_comm.method=zeropp", "prior.zero_stage=3",
                               "prior.grad_comm.zeropp.quantized_gradients=true"])
     with pytest.raises(ConfigError, match="quantized_weights needs use_gpu: true"):
-        load_config("debug", ["prior.grad_comm.method=zeropp",
+        load_config("debug", ["prior.grad_comm.method=zeropp", "prior.zero_stage=3",
                               "prior.grad_comm.zeropp.quantized_weights=true"])
-    gpu = load_config("debug", ["prior.grad_comm.method=zeropp", "prior.use_gpu=true",
+    gpu = load_config("debug", ["prior.grad_comm.method=zeropp", "prior.zero_stage=3", "prior.use_gpu=true",
                                 "prior.grad_comm.zeropp.quantized_weights=true",
                                 "prior.grad_comm.zeropp.quantized_gradients=true"])
     assert gpu.prior.grad_comm.zeropp.quantized_gradients

@@ -97,7 +97,7 @@ def recording(stage_class):
 COMMON = [f"loader.text_len={TEXT_LEN}"]
 CASES = {
     "dvae": (DVAEStage, ["dvae.num_tokens=64"]),
-    "prior": (PriorStage, ["prior.dim=32", "prior.depth=2", "prior.heads=4"]),
+    "prior": (PriorStage, ["prior.dim=32", "prior.depth=2", "prior.heads=4", "prior.zero_stage=3"]),
     "reranker": (RerankerStage, []),
 }
 

@@ -58,6 +58,9 @@ def fit(loop, cfg, tmp_path, name: str, log: Path, *, interrupt=None, max_failur
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # The workers share one CPU: one torch thread each, whatever the preset's threads_per_worker.
+    cfg = cfg.model_copy(update={s: getattr(cfg, s).model_copy(update={"threads_per_worker": 1})
+                                 for s in ("dvae", "prior", "reranker", "scorer")})
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg, "log": str(log), "interrupt": interrupt},
