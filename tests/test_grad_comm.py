@@ -153,7 +153,7 @@ DEBUG_WIDTH = [o for o in TINY if not o.startswith(("prior.dim=", "prior.depth="
     "prior.dim=256", "prior.heads=8"]
 TWO_BY_TWO = [*DEBUG_WIDTH, "prior.precision=fp32", "prior.steps=6", "prior.checkpoint_every=3",
               "prior.eval_every=6", "prior.grad_comm.ranks_per_node=2", "prior.grad_comm.verify_every=1",
-              "prior.lr=1e-3"]
+              "prior.lr=1e-3", "prior.num_workers=4"]
 
 
 def run(tmp_path, name, overrides, **kwargs):
