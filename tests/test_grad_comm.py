@@ -112,6 +112,7 @@ def _zero3_member(rank: int, port: int, out: str) -> None:
                 "planned": [(n, p.ds_tensor.numel(), spec) for n, p, spec in planned],
                 "dense": [planned[i][0] for i in psgd.dense],
                 "compressed": [planned[i][0] for i in psgd.compressed], "sizes": sizes}, out.format(rank))
+    deepspeed.comm.barrier()  # both done before either closes its sockets (see test_ema.py)
     deepspeed.comm.destroy_process_group()
 
 

@@ -135,6 +135,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], zero: dict, ma
     }
     Path(out.format(rank)).write_text(json.dumps(measured))
     stage.close()
+    deepspeed.comm.barrier()  # all done before any closes its sockets (see test_ema.py)
     deepspeed.comm.destroy_process_group()
 
 

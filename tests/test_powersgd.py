@@ -292,6 +292,7 @@ def _two_members(rank: int, port: int, out: str) -> None:
     for _ in range(2):
         psgd.reduce_([torch.randn(30, 20, generator=g), torch.zeros(5)])
     torch.save({"t": t, "b": b, "error": error, "own": own, "q1": q1, "q3": psgd.qs[0]}, out.format(rank))
+    torch.distributed.barrier()  # both done before either closes its sockets (see test_ema.py)
     torch.distributed.destroy_process_group()
 
 
