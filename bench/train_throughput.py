@@ -8,6 +8,8 @@ is `nn.TransformerEncoder` (pre-norm, GELU, 4× feed-forward) under a causal mas
 embedding table and one head over both vocabularies: what a straightforward PyTorch port of
 the model does. Prints one JSON line: tokens/s of each (median of --repeats timed windows) and
 the ratio. Needs torch only (no Ray, no DeepSpeed), so it runs on any machine the model runs on.
+`--precision bf16` runs both under bf16 autocast (the emoji preset's prior.precision): on a CPU with
+native bf16 (AVX512-BF16/AMX) its matrix products are ~3x faster than fp32's.
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ def batch(s: PriorShape, B: int, device: str):
 
 
 def tokens_per_s(model: nn.Module, loss_fn, data, s: PriorShape, B: int, steps: int, warmup: int,
-                 repeats: int, device: str) -> list[float]:
+                 repeats: int, device: str, precision: str = "fp32") -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=4.5e-2)
 
     def step():
-        loss = loss_fn(model, data)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(model, data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attention", choices=["full", "sparse"], default="full")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: both models under bf16 autocast (fp32 weights), as prior.precision: bf16")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
@@ -134,16 +139,16 @@ def main(argv=None) -> int:
     rates = {"tessera": [], "reference": []}
     for _ in range(a.repeats):
         rates["tessera"] += tokens_per_s(prior, lambda m, d: m(*d)["loss"], data, s, a.batch, a.steps,
-                                         a.warmup, 1, a.device)
+                                         a.warmup, 1, a.device, a.precision)
         rates["reference"] += tokens_per_s(ref, lambda m, d: m(*d), data, s, a.batch, a.steps, a.warmup, 1,
-                                           a.device)
+                                           a.device, a.precision)
     ours, base = statistics.median(rates["tessera"]), statistics.median(rates["reference"])
     flops = matmul_flops_per_step(s, a.batch)
     gemm = sgemm_gflops(a.dim, a.batch * s.seq_len, a.device)
     print(json.dumps({
         "bench": "train_throughput",
         "shape": {k: getattr(a, k) for k in ("dim", "depth", "heads", "text_len", "grid", "text_vocab",
-                                             "image_vocab", "batch", "threads", "attention")},
+                                             "image_vocab", "batch", "threads", "attention", "precision")},
         "device": a.device, "torch": torch.__version__, "machine": platform.machine(),
         "tokens_per_step": a.batch * s.seq_len,
         "tessera_tokens_per_s": round(ours, 1), "reference_tokens_per_s": round(base, 1),

@@ -248,3 +248,17 @@ def test_auto_picks_dense_on_cpu():
     assert resolve_impl("auto", "cpu") == "dense"
     with pytest.raises(ValueError, match="impl"):
         resolve_impl("sparse", "cpu")
+
+
+def test_cpu_bf16_attention_scores_in_fp32_and_keeps_the_callers_dtype():
+    """Under CPU bf16 autocast the dense path computes the masked softmax in fp32 (CPU's bf16 kernel is
+    slow): the result is the fp32 attention of the bf16 inputs, rounded once, and gradients reach q, k, v."""
+    spec = MaskSpec(text_len=3, grid=4, pattern="row")
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(spec, seed=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, spec, "dense")
+    assert out.dtype == torch.bfloat16
+    expected = _reference(q.float(), k.float(), v.float(), dense_mask(spec)).bfloat16()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))

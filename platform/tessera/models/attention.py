@@ -156,6 +156,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, im
     device = str(q.device)
     if impl == "dense":
         mask = dense_mask(spec, device)[:L, :L]
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # CPU's bf16 attention kernel is slow: its backward took ~4x the fp32 one's time
+            # (12 vs 3.9 ms a call at 16 x 6 heads x 88 positions), most of a bf16 step. The scores are
+            # a few % of the FLOPs, so under CPU autocast they run in fp32 (bench/train_throughput.py).
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if L != spec.seq_len:
         raise ValueError(f"the flex path needs the whole sequence ({spec.seq_len} positions), got {L}")

@@ -7,6 +7,7 @@ Every rank runs the evaluation: under ZeRO-3 each forward pass gathers parameter
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,8 @@ from tessera.models.dvae import to_pixels
 from tessera.models.prior import NAMED_SHAPES, Prior, PriorShape, bits_per_token
 from tessera.parallel import dist
 from tessera.viz import GridRow, grid_png
+
+log = logging.getLogger(__name__)
 
 
 def prior_shape(cfg, manifest: dict) -> PriorShape:
@@ -34,6 +37,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("prior.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("prior.precision=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, so "
+                    "slower than fp32; set prior.precision=fp32 on this machine")
     return precision
 
 
