@@ -174,3 +174,38 @@ def test_dvae_crops_are_drawn_per_epoch_in_the_read_tasks_and_never_touch_valida
     val = images(build_training_dataset(cfg, split="val", crops=crops))
     whole_val = images(build_training_dataset(cfg, split="val"))
     assert sorted(val) == sorted(whole_val) and all(np.array_equal(val[i], whole_val[i]) for i in val)
+
+
+def test_epoch_cache_keeps_a_whole_first_epoch_and_reshuffles_it_per_epoch():
+    import numpy as np
+    import torch
+
+    from tessera.data.loader import EpochCache
+
+    stream = [{"ids": torch.arange(i, i + 4), "image": np.full((4, 2), i, np.uint8)} for i in range(0, 12, 4)]
+    stream.append({"ids": torch.arange(12, 14), "image": np.full((2, 2), 12, np.uint8)})  # a short last batch
+    cache = EpochCache(1 << 20, batch_size=4, seed=0)
+    passed = list(cache.fill(iter(stream)))
+    assert cache.full and all(a is b for a, b in zip(passed, stream))  # the first epoch goes through as it came
+    stream[0]["ids"][0] = 99  # a step that edits its batch in place does not edit the kept copy
+    one, two, again = (list(cache.epoch(n)) for n in (1, 2, 1))
+    assert [len(b["ids"]) for b in one] == [4, 4, 4, 2]
+    ids = [torch.cat([b["ids"] for b in e]) for e in (one, two, again)]
+    assert sorted(ids[0].tolist()) == list(range(14)) == sorted(ids[1].tolist())  # every row once
+    assert not torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])  # a new order each epoch, seeded
+    for b in one:  # rows stay whole: each image row still belongs to its id
+        assert all(int(img[0]) == int(i) // 4 * 4 for i, img in zip(b["ids"], b["image"]))
+
+
+def test_epoch_cache_streams_every_epoch_when_the_shard_is_over_its_limit_or_cut_short():
+    import torch
+
+    from tessera.data.loader import EpochCache
+
+    stream = [{"ids": torch.arange(i, i + 4)} for i in range(0, 40, 4)]  # 10 x 32 bytes
+    big = EpochCache(100, batch_size=4, seed=0)
+    assert len(list(big.fill(iter(stream)))) == 10 and not big.full
+    cut = EpochCache(1 << 20, batch_size=4, seed=0)
+    for _ in zip(range(3), cut.fill(iter(stream))):  # training ended inside the first epoch
+        pass
+    assert not cut.full

@@ -215,6 +215,9 @@ class LoaderConfig(Section):
     # probability when a caption is re-tokenized, afresh each epoch; validation captions never. A
     # segmentation that no longer fits text_len falls back to the plain one (no caption is cut by it).
     bpe_dropout: float = Field(0.0, ge=0, lt=1)
+    # MB of its training shard a Train worker keeps in memory after the first epoch, reshuffling it
+    # there each epoch instead of streaming it again (not the dVAE's crops, nor with bpe_dropout); 0: off.
+    cache_mb: int = Field(0, ge=0)
 
 
 class StageTrainConfig(Section):

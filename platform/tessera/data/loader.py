@@ -249,6 +249,55 @@ def iter_training_batches(shard, loader_cfg, *, epoch: int = 0):
     )
 
 
+class EpochCache:
+    """A Train worker's shard kept in memory after its first whole epoch (loader.cache_mb), then
+    reshuffled there each later epoch instead of streamed again: on a small dataset every epoch's
+    Ray Data start (read tasks, the shuffle buffer refilling) stalled training for seconds.
+
+    `fill(batches)` passes the first epoch's batches through unchanged and keeps copies while they
+    total at most `limit_bytes`; past that, or for a batch that is not all tensors/arrays, it keeps
+    nothing and every epoch streams. `epoch(n)` (once `full`) yields the kept rows in a seeded
+    permutation of (seed, n), batch_size at a time, the last batch short as in the stream."""
+
+    def __init__(self, limit_bytes: int, batch_size: int, seed: int):
+        self.limit, self.batch_size, self.seed = limit_bytes, batch_size, seed
+        self.rows: dict | None = None
+        self._off = limit_bytes <= 0
+
+    @property
+    def full(self) -> bool:
+        return self.rows is not None
+
+    def fill(self, batches):
+        import torch
+
+        parts, size = ([] if not self._off else None), 0
+        for batch in batches:
+            if parts is not None:
+                if not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in batch.values()):
+                    parts = None
+                else:
+                    size += sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
+                                for v in batch.values())
+                    parts = None if size > self.limit else [*parts, {k: v.copy() if isinstance(v, np.ndarray)
+                                                                     else v.clone() for k, v in batch.items()}]
+                if parts is None:
+                    self._off = True  # too big (or not arrays): stream every epoch
+            yield batch
+        if parts:  # the whole epoch went through: keep it
+            self.rows = {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor)
+                             else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+    def epoch(self, n: int):
+        import torch
+
+        count = len(next(iter(self.rows.values())))
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 1_000_003 * n))
+        for i in range(0, count, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield {k: v[idx] if isinstance(v, torch.Tensor) else v[idx.numpy()] for k, v in self.rows.items()}
+
+
 def train_data_config(cfg: TesseraConfig):
     """Ray Train's DataConfig with Data's CPU use bounded, so reading never waits on the CPUs
     the Train workers hold (and vice versa) on a small machine."""

@@ -47,12 +47,22 @@ class RayTrainIO:
         self._decoder = None
         self.shard = ray.train.get_dataset_shard("train")
         self.loader = cfg.loader.model_copy(update={"batch_size": getattr(cfg, stage).micro_batch})
+        self._cache = None
+        # Only where an epoch is the same rows in a new order: not the dVAE's per-epoch crops, nor
+        # BPE-dropout's per-epoch segmentations (tessera.data.loader.EpochCache).
+        if cfg.loader.cache_mb > 0 and stage != "dvae" and not (stage == "prior" and cfg.loader.bpe_dropout > 0):
+            from tessera.data.loader import EpochCache
+
+            self._cache = EpochCache(cfg.loader.cache_mb << 20, self.loader.batch_size, cfg.loader.shuffle_seed)
 
     # ── what every stage uses ────────────────────────────────────────────────────────────────
     def batches(self, epoch: int):
         from tessera.data.loader import iter_training_batches
 
-        return iter(iter_training_batches(self.shard, self.loader, epoch=epoch))
+        if self._cache is not None and self._cache.full:
+            return self._cache.epoch(epoch)
+        batches = iter_training_batches(self.shard, self.loader, epoch=epoch)
+        return self._cache.fill(batches) if self._cache is not None else iter(batches)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         from ray.train import Checkpoint
