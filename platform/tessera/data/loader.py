@@ -271,20 +271,17 @@ class EpochCache:
     def fill(self, batches):
         import torch
 
-        parts, size = ([] if not self._off else None), 0
+        parts, size = [], 0
         for batch in batches:
-            if parts is not None:
-                if not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in batch.values()):
-                    parts = None
+            if not self._off:
+                arrays = all(isinstance(v, (torch.Tensor, np.ndarray)) for v in batch.values())
+                size += sum(v.nbytes for v in batch.values()) if arrays else 0
+                if not arrays or size > self.limit:
+                    self._off, parts = True, []  # too big, or not arrays: stream every epoch
                 else:
-                    size += sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
-                                for v in batch.values())
-                    parts = None if size > self.limit else [*parts, {k: v.copy() if isinstance(v, np.ndarray)
-                                                                     else v.clone() for k, v in batch.items()}]
-                if parts is None:
-                    self._off = True  # too big (or not arrays): stream every epoch
+                    parts.append({k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in batch.items()})
             yield batch
-        if parts:  # the whole epoch went through: keep it
+        if parts and not self._off:  # the whole epoch went through: keep it
             self.rows = {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor)
                              else np.concatenate([p[k] for p in parts])) for k in parts[0]}
 
