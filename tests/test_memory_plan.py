@@ -187,9 +187,15 @@ def test_planned_model_states_match_a_zero3_engine_on_four_ranks(method, tmp_pat
         assert planned["gathered"] == pytest.approx(4 * (2048 * 64 + 512 * 64 + 2 * 16 * 64))
 
 
-def _saved_bytes(shape: PriorShape, *, batch: int, autocast: bool, kernel: str, checkpointing: bool) -> int:
-    """Bytes of the tensors autograd saves in one forward pass (each storage once, no parameters)."""
+def _saved_bytes(shape: PriorShape, *, batch: int, autocast: bool, kernel: str, checkpointing: bool,
+                 monkeypatch) -> int:
+    """Bytes of the tensors autograd saves in one forward pass (each storage once, no parameters).
+    Attention in bf16 under autocast, as on CUDA (the plan's device), not CPU's fp32 detour."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tessera.models import attention
+
+    monkeypatch.setattr(attention, "CPU_BF16_ATTENTION_IN_FP32", False)
 
     torch.manual_seed(0)
     model = Prior(shape, attention_impl="dense", activation_checkpointing=checkpointing)
@@ -219,7 +225,7 @@ def _saved_bytes(shape: PriorShape, *, batch: int, autocast: bool, kernel: str, 
 @pytest.mark.parametrize("variant", ["plain", "glu", "normformer"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kernel", ["fused", "math"])
-def test_planned_activations_match_what_autograd_saves(variant, autocast, kernel):
+def test_planned_activations_match_what_autograd_saves(variant, autocast, kernel, monkeypatch):
     from bench.memory_plan import activations, model_params
 
     if variant == "normformer" and autocast:
@@ -235,7 +241,8 @@ def test_planned_activations_match_what_autograd_saves(variant, autocast, kernel
     copies = a * sum(p.numel for p in params if p.matmul) if autocast else 0
     for checkpointing, planned in ((False, act["blocks"] + act["outside"] + copies),
                                    (True, act["block_inputs"] + act["outside"])):
-        got = _saved_bytes(shape, batch=4, autocast=autocast, kernel=kernel, checkpointing=checkpointing)
+        got = _saved_bytes(shape, batch=4, autocast=autocast, kernel=kernel, checkpointing=checkpointing,
+                           monkeypatch=monkeypatch)
         assert planned == pytest.approx(got, rel=0.01), (checkpointing, planned, got)
 
 

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 
 PATTERNS = ("full", "row", "column", "conv")
+# Under CPU bf16 autocast the dense path computes attention in fp32 (see attend); off, it runs in bf16
+# as on CUDA (bench/memory_plan.py's test turns it off to measure what CUDA saves).
+CPU_BF16_ATTENTION_IN_FP32 = True
 IMPLS = ("auto", "dense", "flex")
 
 
@@ -156,7 +159,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, im
     device = str(q.device)
     if impl == "dense":
         mask = dense_mask(spec, device)[:L, :L]
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and CPU_BF16_ATTENTION_IN_FP32:
             # CPU's bf16 attention kernel is slow: its backward took ~4x the fp32 one's time
             # (12 vs 3.9 ms a call at 16 x 6 heads x 88 positions), most of a bf16 step. The scores are
             # a few % of the FLOPs, so under CPU autocast they run in fp32 (bench/train_throughput.py).
