@@ -234,13 +234,18 @@ def _writable_collate():
     return WritableTensors()
 
 
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """The row order's seed in an epoch: the stream's shuffle buffer and EpochCache's permutation."""
+    return seed + 1_000_003 * epoch
+
+
 def iter_training_batches(shard, loader_cfg, *, epoch: int = 0):
     """Inside a Train worker: torch batches from `ray.train.get_dataset_shard(...)`."""
     buffer = loader_cfg.local_shuffle_buffer
     return shard.iter_torch_batches(
         batch_size=loader_cfg.batch_size,
         local_shuffle_buffer_size=buffer or None,
-        local_shuffle_seed=(loader_cfg.shuffle_seed + 1_000_003 * epoch) if buffer else None,
+        local_shuffle_seed=epoch_shuffle_seed(loader_cfg.shuffle_seed, epoch) if buffer else None,
         prefetch_batches=loader_cfg.prefetch_batches,
         # Without a shuffle buffer the arrays are views of read-only blocks in the object store;
         # copy them so a training step may modify its batch in place.
@@ -289,7 +294,7 @@ class EpochCache:
         import torch
 
         count = len(next(iter(self.rows.values())))
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 1_000_003 * n))
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(epoch_shuffle_seed(self.seed, n)))
         for i in range(0, count, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield {k: v[idx] if isinstance(v, torch.Tensor) else v[idx.numpy()] for k, v in self.rows.items()}
